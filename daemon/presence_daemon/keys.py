@@ -1,0 +1,47 @@
+"""Every Redis key name the service uses, and nothing else builds key names.
+
+A user's keys share the hash tag ``{user}``, so each Lua script, which only touches one
+user's keys, runs unchanged on Redis Cluster. A client id's binding lives under the
+client id's own tag; a daemon's inbox channel is named after the daemon.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "presence"
+
+
+def user_keys(user: str) -> tuple[str, str, str, str]:
+    """The four keys every per-user script takes, in the order the scripts expect.
+
+    ``clients`` (hash client id -> "token|owner|address"), ``version`` (string),
+    ``friends`` (set: whom the user declared), ``fans`` (set: who declared the user).
+    """
+    tag = f"{PREFIX}:{{{user}}}"
+    return (f"{tag}:clients", f"{tag}:version", f"{tag}:friends", f"{tag}:fans")
+
+
+def clients_key(user: str) -> str:
+    """Hash of the user's connected clients: client id -> "token|owner|address"."""
+    return f"{PREFIX}:{{{user}}}:clients"
+
+
+def friends_key(user: str) -> str:
+    """Set of the names the user declared as friends."""
+    return f"{PREFIX}:{{{user}}}:friends"
+
+
+def fans_key(user: str) -> str:
+    """Set of the names that declared the user as a friend (the reverse index)."""
+    return f"{PREFIX}:{{{user}}}:fans"
+
+
+def client_key(client_id: str) -> str:
+    """String binding a client id to its user and current session: "user|token"."""
+    return f"{PREFIX}:client:{{{client_id}}}"
+
+
+def inbox_channel(instance_id: str) -> str:
+    """Pub/sub channel on which a daemon receives notifications for clients it owns."""
+    return f"{PREFIX}:daemon:{{{instance_id}}}:inbox"

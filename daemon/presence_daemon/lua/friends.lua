@@ -1,0 +1,64 @@
+-- friends: change the friend list a user declares.
+--
+-- KEYS[1]  presence:{user}:clients   hash  client id -> "token|owner|address"
+-- KEYS[2]  presence:{user}:version   string, the user's state version
+-- KEYS[3]  presence:{user}:friends   set, whom the user declared
+-- KEYS[4]  presence:{user}:fans      set, who declared the user
+-- ARGV[1]  the user's own name (never added to its own list)
+-- ARGV[2]  'add', 'remove' or 'set' (replace the whole list)
+-- ARGV[3]  most friends the list may hold afterwards
+-- ARGV[4..] friend names
+--
+-- Returns {status, version, online, changes}
+--   status   1 applied; 0 refused because the list would exceed ARGV[3] (nothing changed)
+--   version  the user's state version after the call (bumped if anything changed)
+--   online   1 if the user has a connected client
+--   changes  flat array: name, 1 (added) or 0 (removed), 1 if name declares the user else 0
+--
+-- The caller then updates each changed friend's reverse index (fans.lua, other hash
+-- tags) and sends notifications; that part is not atomic with this script, by design.
+local user, op, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local wanted = {}
+for i = 4, #ARGV do
+  if ARGV[i] ~= user then wanted[ARGV[i]] = true end
+end
+local to_add, to_remove = {}, {}
+if op == 'add' or op == 'set' then
+  for name in pairs(wanted) do
+    if redis.call('SISMEMBER', KEYS[3], name) == 0 then to_add[#to_add + 1] = name end
+  end
+end
+if op == 'remove' then
+  for name in pairs(wanted) do
+    if redis.call('SISMEMBER', KEYS[3], name) == 1 then to_remove[#to_remove + 1] = name end
+  end
+elseif op == 'set' then
+  for _, name in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    if not wanted[name] then to_remove[#to_remove + 1] = name end
+  end
+end
+local online = redis.call('EXISTS', KEYS[1])
+local count = redis.call('SCARD', KEYS[3]) + #to_add - #to_remove
+if #to_add > 0 and count > limit then
+  return {0, tonumber(redis.call('GET', KEYS[2]) or '0'), online, {}}
+end
+local changes = {}
+for _, name in ipairs(to_add) do
+  redis.call('SADD', KEYS[3], name)
+  changes[#changes + 1] = name
+  changes[#changes + 1] = 1
+  changes[#changes + 1] = redis.call('SISMEMBER', KEYS[4], name)
+end
+for _, name in ipairs(to_remove) do
+  redis.call('SREM', KEYS[3], name)
+  changes[#changes + 1] = name
+  changes[#changes + 1] = 0
+  changes[#changes + 1] = redis.call('SISMEMBER', KEYS[4], name)
+end
+local version
+if #changes > 0 then
+  version = redis.call('INCR', KEYS[2])
+else
+  version = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+return {1, version, online, changes}

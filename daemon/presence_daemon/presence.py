@@ -1,0 +1,370 @@
+"""The presence library: who is online, decided in Redis, usable without any UDP.
+
+Theory of operation
+-------------------
+A *client* (a terminal, a device, a WebSocket) is connected from ``connected()`` until
+``disconnected()``. A *user* is online while at least one of its clients is connected.
+Each user's state lives under keys that share the user's hash tag (see ``keys.py``):
+its clients, a version counter, the friends it declared and the reverse index of who
+declared it. Every state change is one Lua script over one user's keys, so each
+offline->online and online->offline transition is decided exactly once, by whichever
+call made the client count go 1->0 or 0->1, however many processes call concurrently.
+
+A client id belongs to one user at a time: ``presence:client:{id}`` binds it to
+"user|token". Each connect gets a fresh session token; removals are guarded by it, so a
+late or stale disconnect (or the sweep of a daemon that lost the client to another one)
+never removes a newer session.
+
+Mutuality (A declares B and B declares A) can be read from one user's keys alone:
+mutual(A) = friends(A) & fans(A). How user B looks to viewer A (online and mutual) is
+likewise a function of B's keys alone, and every change to them bumps B's version; so a
+(name, visible, version) triple is a consistent fact that clients may apply in any
+order, keeping the highest version.
+
+Work that spans hash tags (telling mutual friends, updating the reverse index of a
+changed friend) happens after the atomic decision, as pipelined calls. Notifications
+are handed to the ``deliver`` callback as :class:`Delivery` records; the daemon routes
+them to the daemon that owns each client. Transitions decided by this instance go to
+listeners registered with :meth:`Presence.subscribe` or :meth:`Presence.transitions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.asyncio import Redis
+
+from presence_client.protocol import ErrorCode, FriendState, check_name
+from presence_daemon import keys
+from presence_daemon.scripts import Call, Scripts
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FRIENDS: Final = 1000
+TRANSITION_QUEUE_SIZE: Final = 10_000
+
+
+class PresenceError(Exception):
+    """A refused presence operation; ``code`` is the wire ErrorCode that describes it."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A user went online or offline."""
+
+    user: str
+    """Whose state changed."""
+    online: bool
+    """True for offline->online, False for online->offline."""
+    version: int
+    """The user's state version after the change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One notification for one connected client."""
+
+    owner: str
+    """Instance id of the daemon that holds the client."""
+    client_id: str
+    """The client to tell."""
+    token: str
+    """The session the notification is for (hex); a newer session ignores it."""
+    friend: FriendState
+    """What to tell: a friend's name, visible status and version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """What ``connected()`` decided."""
+
+    token: str
+    """Session token (hex) now bound to the client id."""
+    went_online: bool
+    """True if this call took the user from offline to online."""
+    version: int
+    """The user's state version after the call."""
+
+
+Deliver = Callable[[list[Delivery]], Awaitable[None]]
+Listener = Callable[[Transition], None]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(value: Any) -> tuple[str, str, str]:
+    """Split a clients-hash value into (token, owner, address)."""
+    token, owner, address = _text(value).split("|", 2)
+    return token, owner, address
+
+
+class Presence:
+    """Presence state in Redis for any asyncio program.
+
+    ``redis`` is a ``redis.asyncio.Redis`` client. ``instance_id`` names this process as
+    the owner of the clients it connects. ``deliver``, if given, receives every
+    notification that a change decided here causes; without it no fan-out is read.
+    Call :meth:`start` once before use (it loads the Lua scripts).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        instance_id: str | None = None,
+        max_friends: int = DEFAULT_MAX_FRIENDS,
+        deliver: Deliver | None = None,
+    ) -> None:
+        self.redis = redis
+        self.instance_id = instance_id or f"lib-{secrets.token_hex(4)}"
+        self.max_friends = max_friends
+        self.deliver = deliver
+        self.scripts = Scripts()
+        self._listeners: list[Listener] = []
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Presence:
+        """Build a Presence with its own Redis client for ``url``."""
+        return cls(Redis.from_url(url, decode_responses=True), **kwargs)
+
+    async def start(self) -> None:
+        """Load the Lua scripts; raises if Redis is unreachable or a script is broken."""
+        await self.scripts.load(self.redis)
+
+    async def close(self) -> None:
+        """Close the Redis client."""
+        await self.redis.aclose()
+
+    # -- transitions ---------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with every transition this instance decides; returns an
+        function that unsubscribes it. Listeners must not block."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def transitions(self) -> AsyncIterator[Transition]:
+        """Iterate over the transitions this instance decides, from now on."""
+        queue: asyncio.Queue[Transition] = asyncio.Queue(TRANSITION_QUEUE_SIZE)
+
+        def put(transition: Transition) -> None:
+            if queue.full():  # a consumer this far behind loses the oldest, loudly
+                queue.get_nowait()
+                log.warning("transition iterator overflowed; dropped the oldest")
+            queue.put_nowait(transition)
+
+        unsubscribe = self.subscribe(put)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            unsubscribe()
+
+    def _emit(self, transition: Transition) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(transition)
+            except Exception:
+                log.exception("transition listener failed")
+
+    # -- clients -------------------------------------------------------------------
+
+    async def connected(
+        self,
+        client_id: str,
+        user: str,
+        *,
+        friends: Iterable[str] | None = None,
+        address: str = "",
+        token: str | None = None,
+    ) -> Connection:
+        """Mark ``client_id`` of ``user`` connected (idempotent per session).
+
+        ``friends``, if given, replaces the user's declared friend list first. Raises
+        PresenceError(CLIENT_ID_IN_USE) if the client id is connected for another user,
+        PresenceError(INVALID_NAME) or (TOO_MANY_FRIENDS) for bad arguments.
+        """
+        check_name(client_id, "client id")
+        check_name(user, "user name")
+        token = token or secrets.token_hex(16)
+        await self._claim(client_id, user, token)
+        if friends is not None:
+            await self._change_friends(user, "set", friends)
+        went_online, version, mutual = await self.scripts.call(
+            self.redis,
+            "connect",
+            keys.user_keys(user),
+            [client_id, f"{token}|{self.instance_id}|{address}"],
+        )
+        if went_online:
+            await self._transition(user, True, int(version), mutual)
+        return Connection(token, bool(went_online), int(version))
+
+    async def _claim(self, client_id: str, user: str, token: str) -> None:
+        key = keys.client_key(client_id)
+        holder = _text(await self.scripts.call(self.redis, "claim", [key], [user, token, ""]))
+        if not holder:
+            return
+        other_user = holder.split("|", 1)[0]
+        # The binding may be stale (its session is gone): check the holder's own keys.
+        if await self.redis.hexists(keys.clients_key(other_user), client_id):
+            raise PresenceError(
+                ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
+            )
+        holder = _text(await self.scripts.call(self.redis, "claim", [key], [user, token, holder]))
+        if holder:
+            raise PresenceError(
+                ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
+            )
+
+    async def disconnected(
+        self, client_id: str, *, user: str | None = None, token: str | None = None
+    ) -> bool:
+        """Mark ``client_id`` disconnected; True if it was connected (idempotent).
+
+        With ``token``, only that session is removed: a newer session of the same client
+        id (a reconnect, possibly through another daemon) is left alone. ``user`` saves
+        a lookup when the caller knows it.
+        """
+        if user is None or token is None:
+            bound = await self.redis.get(keys.client_key(client_id))
+            if bound is None:
+                return False
+            bound_user, bound_token = _text(bound).split("|", 1)
+            if user is not None and user != bound_user:
+                return False
+            user, token = bound_user, token or bound_token
+        removed, went_offline, version, mutual = await self.scripts.call(
+            self.redis, "disconnect", keys.user_keys(user), [client_id, token]
+        )
+        if not removed:
+            return False
+        await self.scripts.call(
+            self.redis, "release", [keys.client_key(client_id)], [f"{user}|{token}"]
+        )
+        if went_offline:
+            await self._transition(user, False, int(version), mutual)
+        return True
+
+    async def _transition(self, user: str, online: bool, version: int, mutual: Any) -> None:
+        self._emit(Transition(user, online, version))
+        if self.deliver is None or not mutual:
+            return
+        state = FriendState(user, online, version)
+        deliveries = await self._deliveries([(_text(name), state) for name in mutual])
+        await self.deliver(deliveries)
+
+    async def _deliveries(self, targets: Sequence[tuple[str, FriendState]]) -> list[Delivery]:
+        """Read the clients of each target user; one Delivery per client."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user, _ in targets:
+            pipe.hgetall(keys.clients_key(user))
+        deliveries = []
+        for (_, state), clients in zip(targets, await pipe.execute(), strict=True):
+            for client_id, value in clients.items():
+                token, owner, _ = _entry(value)
+                deliveries.append(Delivery(owner, _text(client_id), token, state))
+        return deliveries
+
+    # -- reading -------------------------------------------------------------------
+
+    async def query(self, users: Iterable[str]) -> dict[str, bool]:
+        """Which of ``users`` are online (one pipelined round trip)."""
+        names = list(users)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(keys.clients_key(name))
+        return {name: bool(n) for name, n in zip(names, await pipe.execute(), strict=True)}
+
+    async def clients(self, user: str) -> dict[str, tuple[str, str]]:
+        """The user's connected clients: client id -> (owner instance, address)."""
+        raw = await self.redis.hgetall(keys.clients_key(user))
+        result = {}
+        for client_id, value in raw.items():
+            _, owner, address = _entry(value)
+            result[_text(client_id)] = (owner, address)
+        return result
+
+    async def friends(self, user: str) -> set[str]:
+        """The names ``user`` declared as friends."""
+        return {_text(name) for name in await self.redis.smembers(keys.friends_key(user))}
+
+    async def friend_view(self, user: str) -> list[FriendState]:
+        """How each declared friend of ``user`` looks to it, sorted by name.
+
+        A friend is visible as online only if it is online and the friendship is mutual.
+        """
+        names = sorted(await self.friends(user))
+        calls: list[Call] = [("peek", keys.user_keys(name), [user]) for name in names]
+        results = await self.scripts.call_many(self.redis, calls)
+        return [
+            FriendState(name, bool(visible), int(version))
+            for name, (visible, version) in zip(names, results, strict=True)
+        ]
+
+    # -- friends -------------------------------------------------------------------
+
+    async def set_friends(self, user: str, names: Iterable[str]) -> None:
+        """Replace the friends ``user`` declares; mutual friends are told what changed."""
+        await self._change_friends(user, "set", names)
+
+    async def add_friends(self, user: str, names: Iterable[str]) -> None:
+        """Add to the friends ``user`` declares."""
+        await self._change_friends(user, "add", names)
+
+    async def remove_friends(self, user: str, names: Iterable[str]) -> None:
+        """Remove from the friends ``user`` declares."""
+        await self._change_friends(user, "remove", names)
+
+    async def _change_friends(self, user: str, op: str, names: Iterable[str]) -> None:
+        check_name(user, "user name")
+        wanted = [check_name(name, "friend name") for name in names]
+        if op != "remove" and len(set(wanted)) > self.max_friends:
+            raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
+        status, version, online, flat = await self.scripts.call(
+            self.redis,
+            "friends",
+            keys.user_keys(user),
+            [user, op, self.max_friends, *wanted],
+        )
+        if not status:
+            raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
+        changes = [
+            (_text(flat[i]), bool(flat[i + 1]), bool(flat[i + 2])) for i in range(0, len(flat), 3)
+        ]
+        if not changes:
+            return
+        # Keep each changed friend's reverse index in step (its own hash tag).
+        calls: list[Call] = [
+            ("fans", keys.user_keys(name), ["add" if added else "remove", user])
+            for name, added, _ in changes
+        ]
+        results = await self.scripts.call_many(self.redis, calls)
+        if self.deliver is None:
+            return
+        # Only a pair that is mutual before or after the change sees anything: the
+        # changed friend must declare the user (is_fan). Offline parties look the same
+        # before and after, so nothing is sent about them.
+        targets: list[tuple[str, FriendState]] = []
+        for (name, added, is_fan), (friend_version, friend_online, visible) in zip(
+            changes, results, strict=True
+        ):
+            if not is_fan:
+                continue
+            if friend_online:
+                targets.append((user, FriendState(name, bool(visible), int(friend_version))))
+            if online:
+                targets.append((name, FriendState(user, added, int(version))))
+        if targets:
+            await self.deliver(await self._deliveries(targets))

@@ -1,0 +1,80 @@
+"""The Lua scripts, loaded once at start-up and called by SHA.
+
+Each script is a ``.lua`` file in this package's ``lua/`` folder and opens with its
+contract (KEYS, ARGV, return value). :meth:`Scripts.load` sends every script with
+``SCRIPT LOAD`` so a syntax error fails at boot, not on first use. Calls go out as
+``EVALSHA``; after ``NOSCRIPT`` (Redis restarted or flushed its script cache) the
+scripts are loaded again and only the failed calls are retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+SCRIPT_NAMES: Final = ("connect", "disconnect", "friends", "fans", "peek", "claim", "release")
+
+Call = tuple[str, Sequence[str], Sequence[str | int]]
+"""One script call: (script name, KEYS, ARGV)."""
+
+
+def _read(name: str) -> str:
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Scripts:
+    """The service's Lua scripts, by name, bound to their SHA1."""
+
+    def __init__(self) -> None:
+        self.source: dict[str, str] = {name: _read(name) for name in SCRIPT_NAMES}
+        self.sha: dict[str, str] = {
+            name: hashlib.sha1(text.encode()).hexdigest() for name, text in self.source.items()
+        }
+
+    async def load(self, redis: Redis) -> None:
+        """SCRIPT LOAD every script; raises redis.ResponseError on a script that is broken."""
+        for name, text in self.source.items():
+            sha = await redis.script_load(text)
+            if sha != self.sha[name]:  # pragma: no cover - Redis computes the same SHA1
+                raise RuntimeError(f"Redis returned SHA {sha} for {name}.lua")
+
+    async def call(
+        self, redis: Redis, name: str, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Any:
+        """Run one script; reload the cache and retry once on NOSCRIPT."""
+        try:
+            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    async def call_many(self, redis: Redis, calls: Sequence[Call]) -> list[Any]:
+        """Run many script calls in one pipeline (no transaction), results in order.
+
+        Calls in a batch may touch different hash tags; each script stays atomic on its
+        own keys. After NOSCRIPT only the calls that failed are sent again.
+        """
+        if not calls:
+            return []
+        results = await self._pipeline(redis, calls)
+        failed = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if failed:
+            await self.load(redis)
+            retried = await self._pipeline(redis, [calls[i] for i in failed])
+            for i, result in zip(failed, retried, strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def _pipeline(self, redis: Redis, calls: Sequence[Call]) -> list[Any]:
+        pipe = redis.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))

@@ -1,0 +1,561 @@
+"""The UDP daemon: sessions in memory, state changes through the presence library.
+
+Theory of operation
+-------------------
+``datagram_received`` decodes and dispatches without awaiting. A ping is answered on
+the spot from memory: it refreshes the session's last-seen time and moves the session to
+the back of an ordered dict, so the dict is always ordered by last-seen time and a
+timeout sweep only looks at the front (its cost is what expired, not what is online).
+Pings never touch Redis.
+
+Everything that needs Redis (connect, disconnect, friend changes, snapshots, timeouts)
+becomes a job on one of ``workers`` bounded queues, chosen by client id, so the jobs of
+one client run in arrival order while different clients proceed concurrently. A full
+queue refuses the job with TRY_AGAIN (counted); nothing waits without bound.
+
+Notifications come from the presence library as Delivery records. Those for clients
+this daemon holds are sent at once; the others are published to the owning daemon's
+inbox channel, and each daemon listens on its own. Each session numbers its
+notifications 1, 2, 3...; a Pong carries the last number, so a client that lost one sees
+the gap and asks for a snapshot.
+
+An address is *verified* once a datagram carrying the session token arrives from it
+(the token was only ever sent there). Until then the daemon never answers it with more
+bytes than it received, and sends it no notifications (they are numbered all the same,
+so the gap is repaired by a snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from redis.exceptions import RedisError
+
+from presence_client.protocol import (
+    MAX_DATAGRAM,
+    Connect,
+    ConnectOk,
+    Disconnect,
+    DisconnectOk,
+    Error,
+    ErrorCode,
+    Friends,
+    FriendsOk,
+    FriendsOp,
+    FriendState,
+    Message,
+    Notify,
+    Ping,
+    Pong,
+    ProtocolError,
+    Snapshot,
+    SnapshotRequest,
+    decode,
+    encode,
+    overhead,
+    split_friend_states,
+)
+from presence_daemon import keys
+from presence_daemon.config import Config
+from presence_daemon.presence import Delivery, Presence, PresenceError
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Clock = Callable[[], float]
+
+REDIS_ERROR_LOG_INTERVAL: Final = 5.0
+"""Seconds between repeated log lines about an unreachable Redis."""
+
+EMPTY_SESSION: Final = bytes(16)
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """One connected client, as its owning daemon holds it."""
+
+    client_id: str
+    user: str
+    token: bytes
+    address: Address
+    last_seen: float
+    seq: int = 0
+    verified: bool = False
+    closing: bool = False
+    friend_parts: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    friend_request: int = -1
+
+    @property
+    def token_hex(self) -> str:
+        return self.token.hex()
+
+
+Job = Callable[[], Awaitable[None]]
+
+
+class Server:
+    """The daemon's state and logic, independent of how datagrams arrive.
+
+    ``send`` is called with (bytes, address) for every datagram to send; ``clock``
+    returns monotonic seconds. Both are injectable so tests can drive them.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        presence: Presence,
+        *,
+        send: Callable[[bytes, Address], None] | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.presence = presence
+        self.instance_id = presence.instance_id
+        presence.deliver = self.deliver
+        self.clock = clock
+        self._send: Callable[[bytes, Address], None] = send or (lambda data, addr: None)
+        self.by_token: dict[bytes, Session] = {}
+        self.by_client: dict[str, Session] = {}
+        # Ordered by last_seen: pings move a session to the end; sweeps read the front.
+        self.recency: collections.OrderedDict[bytes, Session] = collections.OrderedDict()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._queues: list[asyncio.Queue[Job]] = [
+            asyncio.Queue(config.queue_size) for _ in range(config.workers)
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_redis_error_log = -REDIS_ERROR_LOG_INTERVAL
+        self.ping_interval_ms = round(config.ping_interval * 1000)
+        self.timeout_ms = round(config.timeout * 1000)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def set_sender(self, send: Callable[[bytes, Address], None]) -> None:
+        self._send = send
+
+    def start(self) -> None:
+        """Start the workers, the timeout sweeper and the inbox listener."""
+        for queue in self._queues:
+            self._tasks.append(asyncio.create_task(self._work(queue)))
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        self._tasks.append(asyncio.create_task(self._listen_inbox()))
+
+    async def stop(self) -> None:
+        """Disconnect every held client in Redis (friends are told), then stop tasks."""
+        sessions = list(self.by_client.values())
+        for session in sessions:
+            session.closing = True
+        results = await asyncio.gather(
+            *(self._remove(session, reason="shutdown") for session in sessions),
+            return_exceptions=True,
+        )
+        failed = sum(isinstance(r, BaseException) for r in results)
+        if failed:
+            log.error(
+                "shutdown: %d of %d clients could not be removed from Redis", failed, len(results)
+            )
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    # -- datagrams -----------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        """Handle one datagram; never awaits, never raises."""
+        self.counters["datagrams_in"] += 1
+        try:
+            msg = decode(data)
+        except ProtocolError as exc:
+            self.counters[f"rejected_{exc.code.name.lower()}"] += 1
+            self._reply(Error(0, exc.code), addr, limit=len(data))
+            return
+        try:
+            if type(msg) is Ping:
+                self._on_ping(msg, addr, len(data))
+            elif type(msg) is Connect:
+                self._enqueue(
+                    msg.client_id,
+                    lambda: self._on_connect(msg, addr, len(data)),
+                    msg.request,
+                    addr,
+                    len(data),
+                )
+            elif isinstance(msg, Disconnect | Friends | SnapshotRequest):
+                self._on_session_message(msg, addr, len(data))
+            else:
+                self.counters["rejected_unexpected_type"] += 1
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.exception("failed to handle a %s", type(msg).__name__)
+
+    def _reply(self, msg: Message, addr: Address, *, limit: int | None = None) -> bool:
+        """Send ``msg``; with ``limit`` (an unverified address) only if it is no larger."""
+        data = encode(msg)
+        if limit is not None and len(data) > limit:
+            self.counters["replies_withheld_amplification"] += 1
+            return False
+        self._send(data, addr)
+        self.counters["datagrams_out"] += 1
+        return True
+
+    def _on_ping(self, msg: Ping, addr: Address, size: int) -> None:
+        session = self.by_token.get(msg.session)
+        if session is None:
+            self.counters["rejected_unknown_session"] += 1
+            self._reply(Error(0, ErrorCode.UNKNOWN_SESSION), addr, limit=size)
+            return
+        self._touch(session, addr)
+        self.counters["pings"] += 1
+        self._reply(Pong(session.seq), addr)
+
+    def _touch(self, session: Session, addr: Address) -> None:
+        """A datagram with the session's token arrived from ``addr``: the address is
+        verified (the token was only ever sent to the client) and the session alive."""
+        if session.address != addr:
+            self.counters["address_changes"] += 1
+            session.address = addr
+        session.verified = True
+        session.last_seen = self.clock()
+        if not session.closing:
+            self.recency.move_to_end(session.token)
+
+    def _on_session_message(
+        self, msg: Disconnect | Friends | SnapshotRequest, addr: Address, size: int
+    ) -> None:
+        session = self.by_token.get(msg.session)
+        if session is None:
+            if type(msg) is Disconnect:
+                # Idempotent: a retried disconnect whose first copy worked is acknowledged.
+                self.counters["disconnects_unknown"] += 1
+                self._reply(DisconnectOk(msg.request), addr, limit=size)
+            else:
+                self.counters["rejected_unknown_session"] += 1
+                self._reply(Error(msg.request, ErrorCode.UNKNOWN_SESSION), addr, limit=size)
+            return
+        self._touch(session, addr)
+        job: Job
+        if type(msg) is Disconnect:
+            job = lambda: self._on_disconnect(msg, session)  # noqa: E731
+        elif type(msg) is Friends:
+            job = lambda: self._on_friends(msg, session)  # noqa: E731
+        else:
+            assert type(msg) is SnapshotRequest
+            job = lambda: self._on_snapshot(msg, session)  # noqa: E731
+        self._enqueue(session.client_id, job, msg.request, addr, size)
+
+    def _enqueue(self, client_id: str, job: Job, request: int, addr: Address, size: int) -> None:
+        queue = self._queues[hash(client_id) % len(self._queues)]
+        try:
+            queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.counters["dropped_overload"] += 1
+            self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+
+    # -- jobs (run by workers; may await Redis) --------------------------------------
+
+    async def _work(self, queue: asyncio.Queue[Job]) -> None:
+        while True:
+            job = await queue.get()
+            try:
+                await job()
+            except Exception:
+                self.counters["internal_errors"] += 1
+                log.exception("job failed")
+
+    def _redis_failed(self, exc: Exception) -> None:
+        self.counters["redis_errors"] += 1
+        now = self.clock()
+        if now - self._last_redis_error_log >= REDIS_ERROR_LOG_INTERVAL:
+            self._last_redis_error_log = now
+            log.error("Redis operation failed: %s (repeats are counted, not logged)", exc)
+
+    async def _on_connect(self, msg: Connect, addr: Address, size: int) -> None:
+        existing = self.by_client.get(msg.client_id)
+        if existing is not None and existing.user != msg.user:
+            self.counters["rejected_client_id_in_use"] += 1
+            self._reply(Error(msg.request, ErrorCode.CLIENT_ID_IN_USE), addr, limit=size)
+            return
+        if existing is not None and existing.address == addr and not existing.closing:
+            # A retried connect (its reply was lost): same session, same answer.
+            self.counters["connects_repeated"] += 1
+            if msg.friends is not None:
+                await self._guarded(
+                    msg.request, addr, size, self.presence.set_friends(msg.user, msg.friends)
+                )
+            await self._send_connect_ok(msg, existing, addr, size)
+            return
+        session = Session(
+            client_id=msg.client_id,
+            user=msg.user,
+            token=secrets.token_bytes(16),
+            address=addr,
+            last_seen=self.clock(),
+        )
+        # Hold the session before Redis knows it, so a notification decided meanwhile
+        # finds it (it is numbered; the client repairs what it missed by snapshot).
+        self._hold(session)
+        try:
+            await self.presence.connected(
+                msg.client_id,
+                msg.user,
+                friends=msg.friends,
+                address=f"{addr[0]}:{addr[1]}",
+                token=session.token_hex,
+            )
+        except (PresenceError, RedisError, OSError) as exc:
+            self._drop(session)
+            self._refuse(exc, msg.request, addr, size)
+            return
+        if existing is not None:
+            # Same client id and user, new address (the client restarted): the Redis
+            # entry now names the new session; forget the old one without a transition.
+            self._drop(existing)
+            self.counters["sessions_replaced"] += 1
+        self.counters["connects"] += 1
+        await self._send_connect_ok(msg, session, addr, size)
+
+    async def _guarded(self, request: int, addr: Address, size: int, op: Awaitable[Any]) -> bool:
+        try:
+            await op
+        except (PresenceError, RedisError, OSError) as exc:
+            self._refuse(exc, request, addr, size)
+            return False
+        return True
+
+    def _refuse(self, exc: Exception, request: int, addr: Address, size: int | None) -> None:
+        if isinstance(exc, PresenceError):
+            code = exc.code
+            self.counters[f"rejected_{code.name.lower()}"] += 1
+        else:
+            code = ErrorCode.TRY_AGAIN
+            self._redis_failed(exc)
+        self._reply(Error(request, code), addr, limit=size)
+
+    async def _send_connect_ok(
+        self, msg: Connect, session: Session, addr: Address, size: int
+    ) -> None:
+        try:
+            view = await self.presence.friend_view(session.user)
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            view = []
+            complete = False
+        else:
+            complete = True
+        reply = ConnectOk(
+            request=msg.request,
+            session=session.token,
+            ping_interval_ms=self.ping_interval_ms,
+            timeout_ms=self.timeout_ms,
+            seq=session.seq,
+            friends=(),
+            complete=complete,
+        )
+        # The address is not verified yet: the reply may be no larger than the connect.
+        budget = min(size, MAX_DATAGRAM) - overhead(reply)
+        parts = split_friend_states(view, budget) if view else [[]]
+        if len(parts) > 1 or budget < 8:
+            complete = False
+        first = parts[0] if budget >= 8 else []
+        reply = ConnectOk(
+            request=msg.request,
+            session=session.token,
+            ping_interval_ms=self.ping_interval_ms,
+            timeout_ms=self.timeout_ms,
+            seq=session.seq,
+            friends=tuple(first),
+            complete=complete,
+        )
+        self._reply(reply, addr, limit=size)
+
+    async def _on_disconnect(self, msg: Disconnect, session: Session) -> None:
+        session.closing = True
+        self.recency.pop(session.token, None)
+        try:
+            await self._remove(session, reason="disconnect")
+        except (RedisError, OSError) as exc:
+            # Keep the session so the client's retry finds it; the sweep retries too.
+            session.closing = False
+            self.recency[session.token] = session
+            self._refuse(exc, msg.request, session.address, None)
+            return
+        self._reply(DisconnectOk(msg.request), session.address)
+
+    async def _remove(self, session: Session, *, reason: str) -> None:
+        """Remove the session from Redis, then from memory; raises on a Redis error."""
+        await self.presence.disconnected(
+            session.client_id, user=session.user, token=session.token_hex
+        )
+        self._drop(session)
+        self.counters[f"removed_{reason}"] += 1
+
+    async def _on_friends(self, msg: Friends, session: Session) -> None:
+        if msg.op is not FriendsOp.SET or msg.parts == 1:
+            names: tuple[str, ...] = msg.names
+        else:
+            if msg.request != session.friend_request:
+                session.friend_request = msg.request
+                session.friend_parts.clear()
+            session.friend_parts[msg.part] = msg.names
+            if len(session.friend_parts) < msg.parts:
+                return  # wait for the other parts; the client resends all if no FriendsOk
+            names = tuple(n for i in range(msg.parts) for n in session.friend_parts.get(i, ()))
+            session.friend_parts.clear()
+            session.friend_request = -1
+        change = {
+            FriendsOp.ADD: self.presence.add_friends,
+            FriendsOp.REMOVE: self.presence.remove_friends,
+            FriendsOp.SET: self.presence.set_friends,
+        }[msg.op]
+        if await self._guarded(
+            msg.request, session.address, MAX_DATAGRAM, change(session.user, names)
+        ):
+            self.counters["friend_changes"] += 1
+            self._reply(FriendsOk(msg.request), session.address)
+
+    async def _on_snapshot(self, msg: SnapshotRequest, session: Session) -> None:
+        seq = session.seq  # taken before the read: later notifications supersede by version
+        try:
+            view = await self.presence.friend_view(session.user)
+        except (RedisError, OSError) as exc:
+            self._refuse(exc, msg.request, session.address, None)
+            return
+        empty = Snapshot(msg.request, 0, 1, seq, ())
+        parts = split_friend_states(view, MAX_DATAGRAM - overhead(empty))
+        self.counters["snapshots"] += 1
+        for index, states in enumerate(parts):
+            self._reply(
+                Snapshot(msg.request, index, len(parts), seq, tuple(states)), session.address
+            )
+
+    # -- sessions ------------------------------------------------------------------
+
+    def _hold(self, session: Session) -> None:
+        self.by_token[session.token] = session
+        self.by_client[session.client_id] = session
+        self.recency[session.token] = session
+
+    def _drop(self, session: Session) -> None:
+        self.by_token.pop(session.token, None)
+        self.recency.pop(session.token, None)
+        if self.by_client.get(session.client_id) is session:
+            del self.by_client[session.client_id]
+
+    def expired(self, now: float) -> list[Session]:
+        """Take the sessions silent for longer than the timeout out of the recency order.
+
+        Cost is proportional to what expired: the order is by last-seen time, so the
+        scan stops at the first session still alive.
+        """
+        deadline = now - self.config.timeout
+        expired = []
+        while self.recency:
+            token, session = next(iter(self.recency.items()))
+            if session.last_seen > deadline:
+                break
+            del self.recency[token]
+            session.closing = True
+            expired.append(session)
+        return expired
+
+    def sweep(self, now: float) -> int:
+        """Queue the removal of every timed-out session; returns how many."""
+        expired = self.expired(now)
+        for session in expired:
+            self._enqueue_removal(session)
+        return len(expired)
+
+    def _enqueue_removal(self, session: Session) -> None:
+        async def remove() -> None:
+            try:
+                await self._remove(session, reason="timeout")
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+                # Try again on a later sweep: put it back at the front with its old time.
+                session.closing = False
+                self.recency[session.token] = session
+                self.recency.move_to_end(session.token, last=False)
+
+        queue = self._queues[hash(session.client_id) % len(self._queues)]
+        try:
+            queue.put_nowait(remove)
+        except asyncio.QueueFull:
+            # Never lose a timeout: back to the front of the order for the next sweep.
+            session.closing = False
+            self.recency[session.token] = session
+            self.recency.move_to_end(session.token, last=False)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            self.sweep(self.clock())
+
+    # -- notifications -------------------------------------------------------------
+
+    async def deliver(self, deliveries: list[Delivery]) -> None:
+        """Send each notification from the daemon that holds its client."""
+        remote: dict[str, list[list[object]]] = collections.defaultdict(list)
+        for d in deliveries:
+            if d.owner == self.instance_id:
+                self.notify(d.client_id, d.token, d.friend)
+            else:
+                remote[d.owner].append(
+                    [d.client_id, d.token, d.friend.name, d.friend.online, d.friend.version]
+                )
+        if remote:
+            pipe = self.presence.redis.pipeline(transaction=False)
+            for owner, items in remote.items():
+                pipe.publish(keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
+            await pipe.execute()
+            self.counters["handoffs"] += sum(len(items) for items in remote.values())
+
+    def notify(self, client_id: str, token: str, friend: FriendState) -> None:
+        """Number and send one notification to a client this daemon holds."""
+        session = self.by_client.get(client_id)
+        if session is None or session.token_hex != token:
+            self.counters["notifications_stale"] += 1
+            return
+        session.seq += 1
+        if not session.verified:
+            self.counters["notifications_unverified"] += 1
+            return
+        self.counters["notifications"] += 1
+        self._reply(Notify(session.seq, friend), session.address)
+
+    async def _listen_inbox(self) -> None:
+        """Receive notifications other daemons hand over for our clients."""
+        channel = keys.inbox_channel(self.instance_id)
+        while True:
+            pubsub = self.presence.redis.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    self._on_inbox(message["data"])
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _on_inbox(self, data: Any) -> None:
+        try:
+            items = json.loads(data)
+            for client_id, token, name, online, version in items:
+                self.notify(client_id, token, FriendState(name, bool(online), int(version)))
+        except Exception:
+            self.counters["inbox_malformed"] += 1
+            log.exception("malformed inbox message")
