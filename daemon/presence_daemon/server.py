@@ -35,7 +35,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.exceptions import RedisError
@@ -91,7 +91,8 @@ class Session:
     seq: int = 0
     verified: bool = False
     closing: bool = False
-    friend_parts: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    friend_parts: dict[int, tuple[str, ...]] | None = None
+    """Parts of a multi-part friend SET received so far (only while one is pending)."""
     friend_request: int = -1
 
     @property
@@ -133,6 +134,7 @@ class Server:
         ]
         self._tasks: list[asyncio.Task[None]] = []
         self._last_redis_error_log = -REDIS_ERROR_LOG_INTERVAL
+        self.stopping = False
         self.ping_interval_ms = round(config.ping_interval * 1000)
         self.timeout_ms = round(config.timeout * 1000)
 
@@ -148,15 +150,27 @@ class Server:
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         self._tasks.append(asyncio.create_task(self._listen_inbox()))
 
-    async def stop(self) -> None:
-        """Disconnect every held client in Redis (friends are told), then stop tasks."""
+    async def stop(self, *, drain_timeout: float = 5.0) -> None:
+        """Stop taking new work, finish what is queued, then remove every held client
+        from Redis (their friends are told) and stop the tasks."""
+        self.stopping = True
+        self._tasks[len(self._queues)].cancel()  # the sweeper: no new timeouts from now on
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(queue.join() for queue in self._queues)), drain_timeout
+            )
+        except TimeoutError:
+            log.warning("shutdown: queued work did not finish within %.1f s", drain_timeout)
         sessions = list(self.by_client.values())
         for session in sessions:
             session.closing = True
-        results = await asyncio.gather(
-            *(self._remove(session, reason="shutdown") for session in sessions),
-            return_exceptions=True,
-        )
+        limit = asyncio.Semaphore(len(self._queues))
+
+        async def remove(session: Session) -> None:
+            async with limit:
+                await self._remove(session, reason="shutdown")
+
+        results = await asyncio.gather(*(remove(s) for s in sessions), return_exceptions=True)
         failed = sum(isinstance(r, BaseException) for r in results)
         if failed:
             log.error(
@@ -255,6 +269,10 @@ class Server:
         self._enqueue(session.client_id, job, msg.request, addr, size)
 
     def _enqueue(self, client_id: str, job: Job, request: int, addr: Address, size: int) -> None:
+        if self.stopping:
+            self.counters["refused_stopping"] += 1
+            self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+            return
         queue = self._queues[hash(client_id) % len(self._queues)]
         try:
             queue.put_nowait(job)
@@ -272,6 +290,8 @@ class Server:
             except Exception:
                 self.counters["internal_errors"] += 1
                 log.exception("job failed")
+            finally:
+                queue.task_done()
 
     def _redis_failed(self, exc: Exception) -> None:
         self.counters["redis_errors"] += 1
@@ -404,14 +424,15 @@ class Server:
         if msg.op is not FriendsOp.SET or msg.parts == 1:
             names: tuple[str, ...] = msg.names
         else:
-            if msg.request != session.friend_request:
+            if msg.request != session.friend_request or session.friend_parts is None:
                 session.friend_request = msg.request
-                session.friend_parts.clear()
-            session.friend_parts[msg.part] = msg.names
-            if len(session.friend_parts) < msg.parts:
+                session.friend_parts = {}
+            parts = session.friend_parts
+            parts[msg.part] = msg.names
+            if len(parts) < msg.parts:
                 return  # wait for the other parts; the client resends all if no FriendsOk
-            names = tuple(n for i in range(msg.parts) for n in session.friend_parts.get(i, ()))
-            session.friend_parts.clear()
+            names = tuple(n for i in range(msg.parts) for n in parts.get(i, ()))
+            session.friend_parts = None
             session.friend_request = -1
         change = {
             FriendsOp.ADD: self.presence.add_friends,
