@@ -42,8 +42,9 @@ MAX_NAME_CHARS: Final = 64
 SESSION_BYTES: Final = 16
 """Length of a session token (128 bits from a CSPRNG)."""
 
-MAX_PARTS: Final = 64
-"""Most parts one multi-part friend list or snapshot may have."""
+MAX_PARTS: Final = 256
+"""Most parts one multi-part friend list or snapshot may have (1,000 names of 64
+four-byte characters need about 230)."""
 
 MAX_REQUEST_ID: Final = 2**32 - 1
 """Request ids are unsigned 32-bit integers chosen by the client."""
@@ -580,6 +581,7 @@ def encode(msg: Message, *, pad_to: int | None = None) -> bytes:
     data: bytes = msgpack.packb(body, use_bin_type=True)
     if pad_to is not None and len(data) < pad_to:
         # "pad" + a bin header of 1 to 3 bytes; pick the filler length that lands exactly.
+        best = data
         for header in (2, 3, 5):
             filler = pad_to - len(data) - 4 - header
             if filler >= 0:
@@ -587,7 +589,11 @@ def encode(msg: Message, *, pad_to: int | None = None) -> bytes:
                 padded: bytes = msgpack.packb(body, use_bin_type=True)
                 if len(padded) == pad_to:
                     return padded
-        # Very short gaps cannot be filled exactly; a little under is fine.
+                if len(best) < len(padded) < pad_to:
+                    best = padded
+        # Some gaps cannot be filled exactly (very short ones, and the one byte between
+        # the largest bin8 and the smallest bin16); a little under is fine.
+        return best
     return data
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,14 @@ class Connection:
 
 Deliver = Callable[[list[Delivery]], Awaitable[None]]
 Listener = Callable[[Transition], None]
+
+
+_TOKEN_RE: Final = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _names(names: Iterable[str]) -> list[str]:
+    """Validated names, duplicates removed, order kept."""
+    return list(dict.fromkeys(check_name(name, "friend name") for name in names))
 
 
 def _text(value: Any) -> str:
@@ -197,6 +206,10 @@ class Presence:
         """
         check_name(client_id, "client id")
         check_name(user, "user name")
+        if friends is not None:
+            friends = self._check_friends(friends)
+        if token is not None and not _TOKEN_RE.fullmatch(token):
+            raise ValueError("a session token is 8 to 64 hex digits")
         token = token or secrets.token_hex(16)
         await self._claim(client_id, user, token)
         if friends is not None:
@@ -234,24 +247,27 @@ class Presence:
         """Mark ``client_id`` disconnected; True if it was connected (idempotent).
 
         With ``token``, only that session is removed: a newer session of the same client
-        id (a reconnect, possibly through another daemon) is left alone. ``user`` saves
-        a lookup when the caller knows it.
+        id (a reconnect, possibly through another daemon) is left alone. Without it,
+        whatever session the client id has is removed. ``user`` saves a lookup when the
+        caller knows it (it is required with ``token``).
         """
         if user is None or token is None:
             bound = await self.redis.get(keys.client_key(client_id))
             if bound is None:
                 return False
-            bound_user, bound_token = _text(bound).split("|", 1)
+            bound_user = _text(bound).split("|", 1)[0]
             if user is not None and user != bound_user:
                 return False
-            user, token = bound_user, token or bound_token
-        removed, went_offline, version, mutual = await self.scripts.call(
-            self.redis, "disconnect", keys.user_keys(user), [client_id, token]
+            user = bound_user
+        removed, went_offline, version, mutual, entry = await self.scripts.call(
+            self.redis, "disconnect", keys.user_keys(user), [client_id, token or ""]
         )
         if not removed:
             return False
+        # Unbind only the session that ended: a concurrent connect's binding stays.
+        ended_token = _entry(entry)[0]
         await self.scripts.call(
-            self.redis, "release", [keys.client_key(client_id)], [f"{user}|{token}"]
+            self.redis, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
         )
         if went_offline:
             await self._transition(user, False, int(version), mutual)
@@ -327,11 +343,15 @@ class Presence:
         """Remove from the friends ``user`` declares."""
         await self._change_friends(user, "remove", names)
 
+    def _check_friends(self, names: Iterable[str]) -> list[str]:
+        wanted = _names(names)
+        if len(wanted) > self.max_friends:
+            raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
+        return wanted
+
     async def _change_friends(self, user: str, op: str, names: Iterable[str]) -> None:
         check_name(user, "user name")
-        wanted = [check_name(name, "friend name") for name in names]
-        if op != "remove" and len(set(wanted)) > self.max_friends:
-            raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
+        wanted = self._check_friends(names) if op != "remove" else _names(names)
         status, version, online, flat = await self.scripts.call(
             self.redis,
             "friends",

@@ -1,0 +1,761 @@
+"""The Presence library against a real redis-server, with real concurrency.
+
+Several Presence instances (each its own Redis connection pool) act at once, as several
+daemons would. Transitions are collected from every instance and ordered by version,
+which Redis assigns atomically, so "exactly once" can be checked whatever the order in
+which the instances happen to report them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from helpers import wait_for
+from presence_client.protocol import ErrorCode, FriendState, ProtocolError
+from presence_daemon import keys
+from presence_daemon.presence import Delivery, Presence, PresenceError, Transition
+
+ROUNDS = 50
+INSTANCES = 4
+
+MakePresence = Callable[..., Awaitable[Presence]]
+
+
+@pytest_asyncio.fixture
+async def make_presence(redis_url: str) -> AsyncIterator[MakePresence]:
+    """Factory of started Presence instances on the test Redis; all closed at the end."""
+    made: list[Presence] = []
+
+    async def make(**kwargs: Any) -> Presence:
+        presence = Presence.from_url(redis_url, **kwargs)
+        made.append(presence)
+        await presence.start()
+        return presence
+
+    yield make
+    for presence in made:
+        await presence.close()
+
+
+@pytest_asyncio.fixture
+async def presence(make_presence: MakePresence) -> Presence:
+    return await make_presence(instance_id="p0")
+
+
+class Recorder:
+    """Collects the transitions of several instances."""
+
+    def __init__(self, instances: Iterable[Presence]) -> None:
+        self.transitions: list[Transition] = []
+        for instance in instances:
+            instance.subscribe(self._add)
+
+    def _add(self, transition: Transition) -> None:
+        self.transitions.append(transition)
+
+    def take(self) -> list[Transition]:
+        taken, self.transitions = self.transitions, []
+        return taken
+
+
+def by_user(transitions: Iterable[Transition]) -> dict[str, list[Transition]]:
+    """Transitions per user in the order Redis decided them (by version)."""
+    result: dict[str, list[Transition]] = defaultdict(list)
+    for t in transitions:
+        result[t.user].append(t)
+    for ts in result.values():
+        ts.sort(key=lambda t: t.version)
+    return dict(result)
+
+
+def assert_alternating(transitions: Iterable[Transition], start_online: bool = True) -> None:
+    """Per user: distinct versions, and online/offline strictly alternating."""
+    for user, ts in by_user(transitions).items():
+        versions = [t.version for t in ts]
+        assert len(set(versions)) == len(versions), (user, ts)
+        for i, t in enumerate(ts):
+            assert t.online == (start_online == (i % 2 == 0)), (user, ts)
+
+
+async def entries_of(r: Redis, user: str) -> dict[str, str]:
+    """The user's clients hash, client id -> "token|owner|address"."""
+    raw = await r.hgetall(keys.clients_key(user))
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+async def assert_query_agrees(presence: Presence, transitions: Iterable[Transition]) -> None:
+    last = {user: ts[-1].online for user, ts in by_user(transitions).items()}
+    assert await presence.query(last) == last
+
+
+# ---------------------------------------------------------------------------
+# Basics
+
+
+async def test_connected_disconnected_query(presence: Presence) -> None:
+    rec = Recorder([presence])
+    assert await presence.query(["alice", "bob"]) == {"alice": False, "bob": False}
+    c1 = await presence.connected("c1", "alice", address="1.2.3.4:5")
+    assert c1.went_online and c1.version == 1 and len(c1.token) == 32
+    assert await presence.query(["alice", "bob"]) == {"alice": True, "bob": False}
+    assert await presence.clients("alice") == {"c1": ("p0", "1.2.3.4:5")}
+    c2 = await presence.connected("c2", "alice")
+    assert not c2.went_online and c2.version == 1 and c2.token != c1.token
+    assert rec.take() == [Transition("alice", True, 1)]
+
+    assert await presence.disconnected("c1", user="alice", token=c1.token) is True
+    assert await presence.query(["alice"]) == {"alice": True}
+    assert rec.take() == []
+    assert await presence.disconnected("c2", user="alice", token=c2.token) is True
+    assert await presence.query(["alice"]) == {"alice": False}
+    assert rec.take() == [Transition("alice", False, 2)]
+    # Idempotent: a second disconnect changes nothing.
+    assert await presence.disconnected("c2", user="alice", token=c2.token) is False
+    assert await presence.disconnected("c2") is False
+    assert rec.take() == []
+    assert await presence.query([]) == {}
+
+
+async def test_disconnected_by_client_id_alone(presence: Presence, r: Redis) -> None:
+    rec = Recorder([presence])
+    await presence.connected("dev", "alice")
+    assert await r.exists(keys.client_key("dev")) == 1
+    assert await presence.disconnected("dev") is True
+    assert await presence.query(["alice"]) == {"alice": False}
+    assert await r.exists(keys.client_key("dev")) == 0  # the binding is released
+    assert [t.online for t in rec.take()] == [True, False]
+    # With a user that does not hold the client id: nothing happens.
+    await presence.connected("dev", "alice")
+    assert await presence.disconnected("dev", user="bob") is False
+    assert await presence.query(["alice"]) == {"alice": True}
+    assert await presence.disconnected("dev", user="alice") is True
+
+
+async def test_disconnect_of_unknown_client(presence: Presence) -> None:
+    assert await presence.disconnected("ghost") is False
+    assert await presence.disconnected("ghost", user="alice", token="00" * 16) is False
+    await presence.connected("c1", "alice")
+    assert await presence.disconnected("ghost", user="alice", token="00" * 16) is False
+    assert await presence.query(["alice"]) == {"alice": True}
+
+
+async def test_invalid_names_are_refused(presence: Presence) -> None:
+    for client_id, user in (("a b", "alice"), ("c1", "{x}"), ("", "alice"), ("c1", "a|b")):
+        with pytest.raises(ProtocolError) as info:
+            await presence.connected(client_id, user)
+        assert info.value.code is ErrorCode.INVALID_NAME
+    with pytest.raises(ProtocolError) as info:
+        await presence.set_friends("alice", ["ok", "not ok"])
+    assert info.value.code is ErrorCode.INVALID_NAME
+    assert await presence.query(["alice"]) == {"alice": False}
+    assert await presence.friends("alice") == set()
+
+
+async def test_transitions_iterator(presence: Presence) -> None:
+    iterator = presence.transitions()
+    first = asyncio.ensure_future(anext(iterator))
+    await wait_for(lambda: len(presence._listeners) == 1, what="iterator subscribed")
+    await presence.connected("c1", "alice")
+    await presence.connected("c2", "alice")  # no transition
+    await presence.disconnected("c1")
+    await presence.connected("c3", "bob")
+    await presence.disconnected("c2")
+    assert await asyncio.wait_for(first, 5) == Transition("alice", True, 1)
+    assert await asyncio.wait_for(anext(iterator), 5) == Transition("bob", True, 1)
+    assert await asyncio.wait_for(anext(iterator), 5) == Transition("alice", False, 2)
+    await iterator.aclose()  # type: ignore[attr-defined]
+    assert presence._listeners == []
+
+
+async def test_subscribe_and_unsubscribe(presence: Presence) -> None:
+    seen: list[Transition] = []
+    unsubscribe = presence.subscribe(seen.append)
+
+    def broken(_: Transition) -> None:
+        raise RuntimeError("a failing listener must not break the others")
+
+    presence.subscribe(broken)
+    await presence.connected("c1", "alice")
+    assert seen == [Transition("alice", True, 1)]
+    unsubscribe()
+    await presence.disconnected("c1")
+    assert seen == [Transition("alice", True, 1)]
+    assert await presence.query(["alice"]) == {"alice": False}
+
+
+# ---------------------------------------------------------------------------
+# Client ids belong to one user at a time
+
+
+async def test_client_id_in_use_by_another_user(presence: Presence, r: Redis) -> None:
+    rec = Recorder([presence])
+    a = await presence.connected("shared", "alice")
+    binding = await r.get(keys.client_key("shared"))
+    with pytest.raises(PresenceError) as info:
+        await presence.connected("shared", "bob")
+    assert info.value.code is ErrorCode.CLIENT_ID_IN_USE
+    # Nothing changed.
+    assert await presence.query(["alice", "bob"]) == {"alice": True, "bob": False}
+    assert await r.get(keys.client_key("shared")) == binding
+    assert await presence.clients("alice") == {"shared": ("p0", "")}
+    assert await r.exists(keys.clients_key("bob")) == 0
+    assert rec.take() == [Transition("alice", True, 1)]
+    # Once alice lets go, bob may take it.
+    assert await presence.disconnected("shared", user="alice", token=a.token) is True
+    b = await presence.connected("shared", "bob")
+    assert b.went_online
+    assert await presence.query(["alice", "bob"]) == {"alice": False, "bob": True}
+    assert await r.get(keys.client_key("shared")) == f"bob|{b.token}"
+
+
+async def test_stale_binding_is_taken_over(presence: Presence, r: Redis) -> None:
+    # A binding whose session is gone (say its daemon died before releasing it).
+    await r.set(keys.client_key("dev"), "alice|" + "ab" * 16)
+    b = await presence.connected("dev", "bob")
+    assert b.went_online
+    assert await r.get(keys.client_key("dev")) == f"bob|{b.token}"
+
+
+# ---------------------------------------------------------------------------
+# Exactly-once transitions under real concurrency
+
+
+@pytest_asyncio.fixture
+async def instances(make_presence: MakePresence) -> list[Presence]:
+    return [await make_presence(instance_id=f"p{i}") for i in range(INSTANCES)]
+
+
+async def test_concurrent_connect_and_disconnect_of_one_client(
+    instances: list[Presence], r: Redis
+) -> None:
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    for i in range(ROUNDS):
+        p, q = instances[i % INSTANCES], instances[(i + 1) % INSTANCES]
+        token = f"{i:032x}"
+        if i % 2:
+            # The disconnect knows the session: it removes it or (if first) nothing.
+            await asyncio.gather(
+                p.connected("c", "alice", token=token),
+                q.disconnected("c", user="alice", token=token),
+            )
+        else:
+            # The disconnect looks the client id up.
+            await asyncio.gather(p.connected("c", "alice", token=token), q.disconnected("c"))
+        session = rec.take()
+        # Per session: exactly one online; at most one offline.
+        assert [t.online for t in session] in ([True], [True, False], [False, True]), session
+        online = await r.hexists(keys.clients_key("alice"), "c")
+        assert (await p.query(["alice"]))["alice"] == online
+        assert len(session) == (1 if online else 2)
+        everything += session
+        if online:
+            assert await q.disconnected("c") is True
+            everything += rec.take()
+        assert await r.exists(keys.client_key("c")) == 0
+    assert_alternating(everything)
+    assert len(everything) == 2 * ROUNDS
+    assert await instances[0].query(["alice"]) == {"alice": False}
+
+
+async def test_concurrent_connects_of_one_client(instances: list[Presence], r: Redis) -> None:
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    for i in range(ROUNDS):
+        token = f"{i:032x}"
+        same_session = i % 2 == 0
+        results = await asyncio.gather(
+            *(
+                p.connected("c", "alice", token=token if same_session else None)
+                for p in instances[:2]
+            )
+        )
+        assert sum(c.went_online for c in results) == 1
+        session = rec.take()
+        assert [t.online for t in session] == [True]
+        entries = await entries_of(r, "alice")
+        assert list(entries) == ["c"]
+        winner = entries["c"].split("|")[0]
+        assert winner in {c.token for c in results}
+        everything += session
+        if same_session:
+            # One session: disconnecting the client id (registry lookup) ends it.
+            assert await instances[2].disconnected("c") is True
+        else:
+            # Two sessions raced; the one whose entry is stored is ended with its token
+            # (as its owner would). The registry lookup is not used here: see
+            # test_disconnect_by_client_id_after_racing_connects.
+            assert await instances[2].disconnected("c", user="alice", token=winner) is True
+        assert await instances[0].query(["alice"]) == {"alice": False}
+        everything += rec.take()
+    assert_alternating(everything)
+    assert len(everything) == 2 * ROUNDS
+
+
+async def test_disconnect_by_client_id_after_racing_connects(presence: Presence, r: Redis) -> None:
+    # Replay, step by step, an interleaving two concurrent connected("c", "alice")
+    # calls really produce (seen a few times in 300 rounds with asyncio.gather): both
+    # claims, then the connect scripts in the opposite order.
+    scripts, key = presence.scripts, keys.client_key("c")
+    assert await scripts.call(r, "claim", [key], ["alice", "aa" * 16, ""]) == ""
+    assert await scripts.call(r, "claim", [key], ["alice", "bb" * 16, ""]) == ""
+    user_keys = keys.user_keys("alice")
+    await scripts.call(r, "connect", user_keys, ["c", f"{'bb' * 16}|p1|"])
+    await scripts.call(r, "connect", user_keys, ["c", f"{'aa' * 16}|p0|"])
+    assert await presence.query(["alice"]) == {"alice": True}
+    assert await presence.disconnected("c") is True
+    assert await presence.query(["alice"]) == {"alice": False}
+
+
+async def test_concurrent_disconnects_of_one_client(instances: list[Presence]) -> None:
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    for i in range(ROUNDS):
+        c = await instances[i % INSTANCES].connected("c", "alice")
+        with_token = i % 2 == 0
+        removed = await asyncio.gather(
+            *(
+                p.disconnected("c", user="alice", token=c.token)
+                if with_token
+                else p.disconnected("c")
+                for p in instances
+            )
+        )
+        assert sorted(removed) == [False] * (INSTANCES - 1) + [True]
+        session = rec.take()
+        assert [t.online for t in session] == [True, False]
+        everything += session
+    assert_alternating(everything)
+    assert await instances[0].query(["alice"]) == {"alice": False}
+
+
+async def test_many_clients_of_one_user_concurrently(instances: list[Presence]) -> None:
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    clients = [f"c{k}" for k in range(5)]
+    for i in range(ROUNDS):
+        connections = await asyncio.gather(
+            *(instances[(i + k) % INSTANCES].connected(c, "alice") for k, c in enumerate(clients))
+        )
+        assert sum(c.went_online for c in connections) == 1
+        went_online = rec.take()
+        assert [t.online for t in went_online] == [True]
+        assert set(await instances[0].clients("alice")) == set(clients)
+        removed = await asyncio.gather(
+            *(
+                instances[(i + k + 1) % INSTANCES].disconnected(
+                    c, user="alice", token=connections[k].token
+                )
+                for k, c in enumerate(clients)
+            )
+        )
+        assert all(removed)
+        went_offline = rec.take()
+        assert [t.online for t in went_offline] == [False]
+        assert await instances[0].query(["alice"]) == {"alice": False}
+        everything += went_online + went_offline
+    assert_alternating(everything)
+    assert len(everything) == 2 * ROUNDS
+
+
+async def test_many_users_many_clients_concurrently(instances: list[Presence]) -> None:
+    rec = Recorder(instances)
+    users = [f"u{k}" for k in range(5)]
+    for i in range(ROUNDS // 5):
+        pairs = [(f"{u}-c{j}", u) for u in users for j in range(3)]
+        conns = await asyncio.gather(
+            *(instances[k % INSTANCES].connected(c, u) for k, (c, u) in enumerate(pairs))
+        )
+        assert await instances[i % INSTANCES].query(users) == dict.fromkeys(users, True)
+        await asyncio.gather(
+            *(
+                instances[(k + i) % INSTANCES].disconnected(c, user=u, token=conn.token)
+                for k, ((c, u), conn) in enumerate(zip(pairs, conns, strict=True))
+            )
+        )
+        assert await instances[0].query(users) == dict.fromkeys(users, False)
+    ts = rec.take()
+    assert_alternating(ts)
+    for user, per_user in by_user(ts).items():
+        assert len(per_user) == 2 * (ROUNDS // 5), user
+    await assert_query_agrees(instances[0], ts)
+
+
+async def test_reconnect_right_after_disconnect(instances: list[Presence], r: Redis) -> None:
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    old = await instances[0].connected("c", "alice")
+    for i in range(ROUNDS):
+        p, q = instances[i % INSTANCES], instances[(i + 1) % INSTANCES]
+        if i % 2:
+            # Sequential: disconnect, then the same client id comes back at once.
+            assert await p.disconnected("c", user="alice", token=old.token) is True
+            new = await q.connected("c", "alice")
+            assert new.went_online
+        else:
+            # Concurrent: the old session's disconnect races the new session's connect.
+            _, new = await asyncio.gather(
+                p.disconnected("c", user="alice", token=old.token), q.connected("c", "alice")
+            )
+        # Either way the new session ends up connected and bound.
+        assert await instances[2].query(["alice"]) == {"alice": True}
+        entry = (await entries_of(r, "alice")).get("c")
+        assert entry is not None and entry.startswith(new.token + "|")
+        assert await r.get(keys.client_key("c")) == f"alice|{new.token}"
+        everything += rec.take()
+        old = new
+    assert_alternating(everything)
+    await assert_query_agrees(instances[0], everything)
+    assert everything[-1].online
+
+
+async def test_one_user_on_two_clients(instances: list[Presence]) -> None:
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    for i in range(ROUNDS):
+        a, b = await asyncio.gather(
+            instances[i % INSTANCES].connected("phone", "alice"),
+            instances[(i + 1) % INSTANCES].connected("laptop", "alice"),
+        )
+        assert a.went_online != b.went_online
+        first, second = ("phone", a), ("laptop", b)
+        if i % 2:
+            first, second = second, first
+        assert await instances[(i + 2) % INSTANCES].disconnected(first[0], token=first[1].token)
+        assert await instances[0].query(["alice"]) == {"alice": True}
+        assert [t.online for t in rec.transitions] == [True]
+        assert await instances[(i + 3) % INSTANCES].disconnected(second[0])
+        assert await instances[0].query(["alice"]) == {"alice": False}
+        session = rec.take()
+        assert [t.online for t in session] == [True, False]
+        everything += session
+    assert_alternating(everything)
+
+
+async def test_mixed_concurrent_operations_stay_consistent(
+    instances: list[Presence], r: Redis
+) -> None:
+    """A free-for-all: connects and disconnects of several clients of two users at once."""
+    rec = Recorder(instances)
+    everything: list[Transition] = []
+    clients = {"alice": ["a1", "a2"], "bob": ["b1", "b2", "b3"]}
+    for i in range(ROUNDS):
+        ops: list[Awaitable[object]] = []
+        for k, (user, ids) in enumerate(sorted(clients.items())):
+            for j, c in enumerate(ids):
+                p = instances[(i + j + k) % INSTANCES]
+                ops.append(p.connected(c, user) if (i + j) % 3 else p.disconnected(c))
+                if (i + j) % 4 == 0:
+                    ops.append(instances[(i + j + 1) % INSTANCES].disconnected(c))
+        await asyncio.gather(*ops)
+        everything += rec.take()
+        assert_alternating(everything)
+        last = {user: ts[-1].online for user, ts in by_user(everything).items()}
+        for user, ids in clients.items():
+            entries = await entries_of(r, user)
+            assert await instances[0].query([user]) == {user: bool(entries)}
+            assert last.get(user, False) == bool(entries)
+            # The client-id binding and the clients hash agree on every session.
+            for c in ids:
+                binding = await r.get(keys.client_key(c))
+                if c in entries:
+                    assert binding == f"{user}|{entries[c].split('|')[0]}", c
+                else:
+                    assert binding is None, c
+    assert_alternating(everything)
+    await assert_query_agrees(instances[0], everything)
+
+
+# ---------------------------------------------------------------------------
+# Token guard
+
+
+async def test_stale_disconnect_after_reconnect_removes_nothing(
+    instances: list[Presence], r: Redis
+) -> None:
+    rec = Recorder(instances)
+    old = await instances[0].connected("dev", "alice")
+    new = await instances[1].connected("dev", "alice")  # same client, new session
+    assert not new.went_online and new.token != old.token
+    assert await instances[0].disconnected("dev", user="alice", token=old.token) is False
+    assert await instances[0].query(["alice"]) == {"alice": True}
+    assert await instances[0].clients("alice") == {"dev": ("p1", "")}
+    assert await r.get(keys.client_key("dev")) == f"alice|{new.token}"
+    assert rec.take() == [Transition("alice", True, 1)]
+    assert await instances[1].disconnected("dev", user="alice", token=new.token) is True
+    assert rec.take() == [Transition("alice", False, 2)]
+
+
+# ---------------------------------------------------------------------------
+# Deliveries: only symmetric friends
+
+
+async def version_of(presence: Presence, user: str) -> int:
+    return int(await presence.redis.get(keys.user_keys(user)[1]) or 0)
+
+
+class Deliveries:
+    def __init__(self) -> None:
+        self.records: list[Delivery] = []
+
+    async def __call__(self, deliveries: list[Delivery]) -> None:
+        self.records.extend(deliveries)
+
+    def take(self) -> list[Delivery]:
+        taken, self.records = self.records, []
+        return taken
+
+
+def told(records: Iterable[Delivery]) -> set[tuple[str, str, bool]]:
+    """(recipient client, friend name, online) of each delivery."""
+    return {(d.client_id, d.friend.name, d.friend.online) for d in records}
+
+
+@pytest_asyncio.fixture
+async def sink() -> Deliveries:
+    return Deliveries()
+
+
+@pytest_asyncio.fixture
+async def pair(make_presence: MakePresence, sink: Deliveries) -> tuple[Presence, Presence]:
+    """Two instances that share one delivery sink."""
+    return (
+        await make_presence(instance_id="d0", deliver=sink),
+        await make_presence(instance_id="d1", deliver=sink),
+    )
+
+
+async def test_one_sided_friendship_delivers_nothing(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    p, q = pair
+    await p.set_friends("A", ["B"])  # B does not list A
+    await p.connected("a1", "A")
+    await q.connected("b1", "B")
+    await p.connected("a2", "A")
+    await q.disconnected("a1")
+    await p.disconnected("a2")
+    await p.connected("a1", "A")
+    assert sink.take() == []
+    # A sees B offline although B is online: the friendship is not mutual.
+    assert await p.friend_view("A") == [FriendState("B", False, await version_of(p, "B"))]
+    assert await p.friend_view("B") == []
+    await q.disconnected("b1")
+    await p.disconnected("a1")
+    assert sink.take() == []
+
+
+async def test_mutual_friends_are_told_once_per_transition(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    p, q = pair
+    await p.set_friends("A", ["B"])
+    await q.set_friends("B", ["A"])
+    assert sink.take() == []  # nobody online
+    a1 = await p.connected("a1", "A")
+    assert sink.take() == []  # B has no clients to tell
+    b1 = await q.connected("b1", "B")
+    got = sink.take()
+    assert got == [Delivery("d0", "a1", a1.token, FriendState("B", True, b1.version))]
+    a2 = await q.connected("a2", "A")  # A was online already: nobody is told
+    b2 = await p.connected("b2", "B")
+    assert sink.take() == []
+    assert await p.friend_view("A") == [FriendState("B", True, b1.version)]
+    assert await p.friend_view("B") == [FriendState("A", True, a1.version)]
+
+    assert await p.disconnected("a1") is True  # A still has a2
+    assert sink.take() == []
+    assert await q.disconnected("a2") is True
+    got = sink.take()
+    version_a = (await p.friend_view("B"))[0].version
+    assert sorted(got, key=lambda d: d.client_id) == [
+        Delivery("d1", "b1", b1.token, FriendState("A", False, version_a)),
+        Delivery("d0", "b2", b2.token, FriendState("A", False, version_a)),
+    ]
+    assert version_a > a1.version
+    assert a2.token not in {d.token for d in got}
+    await q.disconnected("b1")
+    await p.disconnected("b2")  # B offline; A has no clients left
+    assert sink.take() == []
+
+
+async def test_friendship_becoming_and_ending_mutual_while_online(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    p, q = pair
+    await p.set_friends("A", ["B"])
+    await p.connected("a1", "A")
+    await q.connected("b1", "B")
+    assert sink.take() == []
+
+    await q.add_friends("B", ["A"])  # now mutual, both online
+    got = sink.take()
+    assert told(got) == {("a1", "B", True), ("b1", "A", True)}
+    assert len(got) == 2
+    view_a, view_b = await p.friend_view("A"), await p.friend_view("B")
+    assert view_a == [FriendState("B", True, view_a[0].version)]
+    assert view_b == [FriendState("A", True, view_b[0].version)]
+    assert {d.friend for d in got} == {view_a[0], view_b[0]}
+
+    await q.add_friends("B", ["A"])  # no change: nothing told
+    assert sink.take() == []
+
+    await q.remove_friends("B", ["A"])  # no longer mutual
+    got = sink.take()
+    assert told(got) == {("a1", "B", False), ("b1", "A", False)}
+    assert len(got) == 2
+    for d in got:
+        # The news is newer than what the recipient saw when the friendship started.
+        assert d.friend.version > {"A": view_b[0].version, "B": view_a[0].version}[d.friend.name]
+    assert await p.friend_view("A") == [FriendState("B", False, got_version(got, "B"))]
+
+    # Mutual again through set_friends; then A drops B with set_friends.
+    await q.set_friends("B", ["A", "C"])
+    assert told(sink.take()) == {("a1", "B", True), ("b1", "A", True)}
+    await p.set_friends("A", [])
+    assert told(sink.take()) == {("a1", "B", False), ("b1", "A", False)}
+
+
+def got_version(records: Iterable[Delivery], name: str) -> int:
+    versions = {d.friend.version for d in records if d.friend.name == name}
+    assert len(versions) == 1
+    return versions.pop()
+
+
+async def test_mutual_change_with_one_side_offline(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    p, _ = pair
+    await p.set_friends("A", ["B"])
+    b1 = await p.connected("b1", "B")
+    await p.add_friends("B", ["A"])  # A is offline: B sees no change, A has no clients
+    assert sink.take() == []
+    a1 = await p.connected("a1", "A")
+    assert told(sink.take()) == {("b1", "A", True)}
+    await p.remove_friends("A", ["B"])  # both online: both told
+    assert told(sink.take()) == {("a1", "B", False), ("b1", "A", False)}
+    assert a1.token and b1.token
+
+
+async def test_third_party_never_hears_anything(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    p, q = pair
+    await p.set_friends("A", ["B"])
+    await q.set_friends("B", ["A"])
+    await p.set_friends("C", ["A", "B"])  # C lists both; neither lists C
+    await p.connected("c1", "C")
+    await p.connected("a1", "A")
+    await q.connected("b1", "B")
+    await p.add_friends("A", ["D"])
+    await q.remove_friends("B", ["A"])
+    await q.add_friends("B", ["A", "C2"])
+    await p.disconnected("c1")
+    await q.connected("c1", "C")
+    await p.disconnected("a1")
+    await q.disconnected("b1")
+    got = sink.take()
+    assert got  # A and B did hear about each other
+    assert {d.client_id for d in got} <= {"a1", "b1"}
+    assert {d.friend.name for d in got} <= {"A", "B"}
+    # C lists A and B, who were online at times, but never saw them online.
+    assert [s.name for s in await p.friend_view("C")] == ["A", "B"]
+    assert not any(s.online for s in await p.friend_view("C"))
+
+
+# ---------------------------------------------------------------------------
+# Versions
+
+
+async def test_delivered_versions_increase(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    p, q = pair
+    await p.set_friends("A", ["B", "C"])
+    await q.set_friends("B", ["A"])
+    await q.set_friends("C", ["A"])
+    await p.connected("a1", "A")
+    await p.connected("a2", "A")
+    script: list[Callable[[], Awaitable[object]]] = [
+        lambda: q.connected("b1", "B"),
+        lambda: q.connected("c1", "C"),
+        lambda: p.disconnected("b1"),
+        lambda: q.connected("b2", "B"),
+        lambda: q.remove_friends("B", ["A"]),
+        lambda: q.add_friends("B", ["A"]),
+        lambda: p.set_friends("C", []),
+        lambda: p.disconnected("b2"),
+        lambda: q.set_friends("C", ["A"]),
+        lambda: p.connected("b1", "B"),
+        lambda: q.disconnected("c1"),
+        lambda: q.connected("c2", "C"),
+    ]
+    for step in script:
+        await step()
+    got = sink.take()
+    assert got
+    # Per recipient and friend: strictly increasing, in the order they were delivered.
+    seen: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for d in got:
+        seen[(d.client_id, d.friend.name)].append(d.friend.version)
+    for key, versions in seen.items():
+        assert versions == sorted(set(versions)), (key, versions)
+    # Both of A's clients heard the same story.
+    for name in ("B", "C"):
+        assert seen[("a1", name)] == seen[("a2", name)]
+    # The view shows the latest version delivered, with the latest status.
+    latest = {d.friend.name: d.friend for d in got if d.client_id == "a1"}
+    assert await p.friend_view("A") == [latest["B"], latest["C"]]
+    assert latest["B"].online and latest["C"].online
+
+
+# ---------------------------------------------------------------------------
+# Friend list limit
+
+
+async def test_too_many_friends(make_presence: MakePresence, r: Redis) -> None:
+    p = await make_presence(max_friends=3)
+    await p.set_friends("A", ["B", "C", "D"])
+    version = await r.get(keys.user_keys("A")[1])
+    attempts: list[Callable[[], Awaitable[None]]] = [
+        lambda: p.add_friends("A", ["E"]),  # refused by the script (3 + 1 > 3)
+        lambda: p.set_friends("A", ["B", "C", "D", "E"]),  # refused before the script
+        lambda: p.add_friends("A", ["E", "F", "G", "H"]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(PresenceError) as info:
+            await attempt()
+        assert info.value.code is ErrorCode.TOO_MANY_FRIENDS
+        assert await p.friends("A") == {"B", "C", "D"}
+        assert await r.get(keys.user_keys("A")[1]) == version
+        assert await r.exists(keys.fans_key("E")) == 0
+    # A connect that would set too many friends is refused and connects nothing.
+    with pytest.raises(PresenceError) as info:
+        await p.connected("a1", "A", friends=["B", "C", "D", "E"])
+    assert info.value.code is ErrorCode.TOO_MANY_FRIENDS
+    assert await p.query(["A"]) == {"A": False}
+    assert await p.friends("A") == {"B", "C", "D"}
+    # Within the limit everything works; removals are never refused.
+    await p.set_friends("A", ["B", "E", "F"])
+    assert await p.friends("A") == {"B", "E", "F"}
+    assert await r.smembers(keys.fans_key("E")) == {"A"}
+    assert await r.exists(keys.fans_key("C")) == 0
+    await p.remove_friends("A", ["B", "X"])
+    assert await p.friends("A") == {"E", "F"}
+    assert (await p.connected("a1", "A", friends=["E", "F", "G"])).went_online
+
+
+@pytest_asyncio.fixture
+async def r(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
