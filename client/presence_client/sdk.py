@@ -335,20 +335,34 @@ class PresenceClient:
         wanted = list(dict.fromkeys(check_name(n, "friend name") for n in names))
         empty = Friends(0, session, op, (), part=0, parts=2)
         chunks = split_names(wanted, overhead(empty) + 16)
-        if op is FriendsOp.SET:
-            request = self._new_request()
-            parts = [
-                Friends(request, session, op, tuple(chunk), part=i, parts=len(chunks))
-                for i, chunk in enumerate(chunks)
-            ]
-            await self._request(lambda r: parts[0], (FriendsOk,), request=request, extra=parts[1:])
-        else:
-            for chunk in chunks:
+        # The daemon sends the NOTIFY about a newly mutual friend before FRIENDS_OK: know
+        # the new names already, or _apply drops that notification (no gap repairs it).
+        added = [] if op is FriendsOp.REMOVE else [n for n in wanted if n not in self.friends]
+        for name in added:
+            self.friends[name] = False
+        try:
+            if op is FriendsOp.SET:
+                request = self._new_request()
+                parts = [
+                    Friends(request, session, op, tuple(chunk), part=i, parts=len(chunks))
+                    for i, chunk in enumerate(chunks)
+                ]
+                await self._request(
+                    lambda r: parts[0], (FriendsOk,), request=request, extra=parts[1:]
+                )
+            else:
+                for chunk in chunks:
 
-                def build(request: int, names: tuple[str, ...] = tuple(chunk)) -> Message:
-                    return Friends(request, session, op, names)
+                    def build(request: int, names: tuple[str, ...] = tuple(chunk)) -> Message:
+                        return Friends(request, session, op, names)
 
-                await self._request(build, (FriendsOk,))
+                    await self._request(build, (FriendsOk,))
+        except BaseException:
+            for name in added:
+                self.versions.pop(name, None)
+                if self.friends.pop(name, False):
+                    self._emit(FriendEvent(name, False))
+            raise
         self._update_declared(op, wanted)
 
     def _update_declared(self, op: FriendsOp, names: list[str]) -> None:

@@ -1,0 +1,528 @@
+"""End to end: real daemon processes, real Redis, real UDP, clients from the SDK.
+
+Every wait is a bounded poll on a condition. "Exactly once" is checked two ways: the
+FriendEvents a client emitted, and the number of notifications the daemon numbered for
+the session (``settled_seq``: a snapshot round trip reports it), which also counts
+duplicates the client would have absorbed silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+import pytest
+import pytest_asyncio
+
+from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_factory_fixture  # noqa: F401
+from helpers import wait_for
+from presence_client.protocol import (
+    MAX_DATAGRAM,
+    Connect,
+    Error,
+    ErrorCode,
+    Notify,
+    Ping,
+    Snapshot,
+    SnapshotRequest,
+    encode,
+)
+from presence_client.sdk import Event, FriendEvent, PresenceClient, PresenceClientError
+from presence_daemon.presence import Presence
+
+REQUEST_TIMEOUT = 0.2
+TIMEOUT_WAIT = 3.0
+"""Upper bound for a silent client to be dropped (timeout 0.6 s + sweep 0.05 s + CI)."""
+
+
+class Watched:
+    """A PresenceClient and every event it emitted, in order."""
+
+    def __init__(self, client: PresenceClient) -> None:
+        self.client = client
+        self.events: list[Event] = []
+        client.add_listener(self.events.append)
+
+    @property
+    def friends(self) -> dict[str, bool]:
+        return self.client.friends
+
+    def friend_events(self, name: str | None = None) -> list[FriendEvent]:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, FriendEvent) and (name is None or e.name == name)
+        ]
+
+    def seen(self, name: str) -> list[bool]:
+        """The online values of the FriendEvents about ``name``, in order."""
+        return [e.online for e in self.friend_events(name)]
+
+
+class Clients:
+    """Creates SDK clients for a test and disconnects them all at teardown."""
+
+    def __init__(self) -> None:
+        self.all: list[PresenceClient] = []
+
+    def create(
+        self,
+        user: str,
+        friends: Iterable[str] | None,
+        daemon: DaemonProcess,
+        *,
+        client_id: str | None = None,
+        auto_reconnect: bool = True,
+    ) -> Watched:
+        client = PresenceClient(
+            user,
+            friends,
+            servers=[daemon.address],
+            client_id=client_id or f"{user}-{len(self.all)}",
+            request_timeout=REQUEST_TIMEOUT,
+            auto_reconnect=auto_reconnect,
+        )
+        self.all.append(client)
+        return Watched(client)
+
+    async def connect(
+        self,
+        user: str,
+        friends: Iterable[str] | None,
+        daemon: DaemonProcess,
+        *,
+        client_id: str | None = None,
+        auto_reconnect: bool = True,
+    ) -> Watched:
+        watched = self.create(
+            user, friends, daemon, client_id=client_id, auto_reconnect=auto_reconnect
+        )
+        await watched.client.connect()
+        return watched
+
+    async def close(self) -> None:
+        errors: list[BaseException] = []
+        for client in self.all:
+            try:
+                # Bounded: a client whose daemon is gone retries its goodbye a few times.
+                await asyncio.wait_for(client.disconnect(), 10)
+            except Exception as exc:  # close the others first, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest_asyncio.fixture
+async def clients() -> AsyncIterator[Clients]:
+    pool = Clients()
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest_asyncio.fixture
+async def presence(redis_url: str) -> AsyncIterator[Presence]:
+    """The presence library on the test's Redis, to read what the daemons stored."""
+    library = Presence.from_url(redis_url)
+    try:
+        yield library
+    finally:
+        await library.close()
+
+
+async def settled_seq(watched: Watched) -> int:
+    """How many notifications the daemon has numbered for this session so far.
+
+    A snapshot round trip carries the daemon's counter; the SDK adopts it. Anything the
+    daemon decided to tell us before it handled the snapshot request is counted.
+    """
+    await watched.client.refresh()
+    return watched.client.last_seq
+
+
+async def online(presence: Presence, *users: str) -> dict[str, bool]:
+    return await presence.query(users)
+
+
+async def offline(presence: Presence, user: str) -> bool:
+    return not (await presence.query([user]))[user]
+
+
+# ---------------------------------------------------------------------------
+# One daemon.
+
+
+async def test_mutual_friends_see_each_other_come_and_go(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    alice = await clients.connect("alice", ["bob"], daemon)
+    assert alice.friends == {"bob": False}
+
+    bob = await clients.connect("bob", ["alice"], daemon)
+    # Bob learns that alice is online from the CONNECT_OK itself.
+    assert bob.friends == {"alice": True}
+    assert bob.seen("alice") == [True]
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+    assert await online(presence, "alice", "bob") == {"alice": True, "bob": True}
+
+    await bob.client.disconnect()
+    await wait_for(lambda: not alice.friends["bob"], what="alice sees bob offline")
+    assert await online(presence, "alice", "bob") == {"alice": True, "bob": False}
+
+    assert alice.seen("bob") == [True, False]
+    assert alice.friend_events() == alice.friend_events("bob")
+    assert await settled_seq(alice) == 2
+
+
+async def test_one_sided_friendship_is_never_visible_and_nothing_is_broadcast(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    dave = await clients.connect("dave", ["frank"], daemon)  # related to nobody here
+    alice = await clients.connect("alice", ["carol"], daemon)  # carol does not list alice
+    carol = await clients.connect("carol", ["erin"], daemon)
+    assert "alice" not in carol.friends
+    assert alice.friends == {"carol": False}
+    assert await online(presence, "alice", "carol", "dave") == dict.fromkeys(
+        ("alice", "carol", "dave"), True
+    )
+    assert [(s.name, s.online) for s in await presence.friend_view("alice")] == [("carol", False)]
+    assert await settled_seq(alice) == 0
+    assert await settled_seq(carol) == 0
+
+    await carol.client.disconnect()
+    carol = await clients.connect("carol", ["erin"], daemon)
+    await alice.client.disconnect()
+    await carol.client.disconnect()
+    assert await online(presence, "alice", "carol") == {"alice": False, "carol": False}
+
+    assert await settled_seq(dave) == 0
+    assert dave.friend_events() == []
+    assert alice.friend_events() == []
+    assert carol.friend_events() == []
+
+
+async def test_friend_list_change_while_both_online(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    alice = await clients.connect("alice", ["carol"], daemon)
+    carol = await clients.connect("carol", [], daemon)
+    assert not alice.friends["carol"]
+
+    await carol.client.add_friends(["alice"])  # now mutual
+    await wait_for(lambda: alice.friends["carol"], what="alice sees carol online")
+    await wait_for(lambda: carol.friends.get("alice", False), what="carol sees alice online")
+    assert await presence.friends("carol") == {"alice"}
+
+    await carol.client.remove_friends(["alice"])  # one-sided again
+    await wait_for(lambda: not alice.friends["carol"], what="alice sees carol offline")
+    assert "alice" not in carol.friends
+    assert await presence.friends("carol") == set()
+
+    assert alice.seen("carol") == [True, False]
+    assert carol.seen("alice") == [True, False]
+    # Each side was told once when the friendship became mutual and once when it ended.
+    assert await settled_seq(alice) == 2
+    assert await settled_seq(carol) == 2
+
+
+async def test_same_user_on_two_clients_is_online_while_either_is(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    alice = await clients.connect("alice", ["bob"], daemon)
+    laptop = await clients.connect("bob", ["alice"], daemon, client_id="bob-laptop")
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+    phone = await clients.connect("bob", ["alice"], daemon, client_id="bob-phone")
+    assert phone.friends == {"alice": True}
+    assert set(await presence.clients("bob")) == {"bob-laptop", "bob-phone"}
+
+    await laptop.client.disconnect()
+    # The disconnect is acknowledged after its effects; the snapshot comes after that.
+    assert await settled_seq(alice) == 1
+    assert alice.friends["bob"]
+    assert await online(presence, "bob") == {"bob": True}
+
+    await phone.client.disconnect()
+    await wait_for(lambda: not alice.friends["bob"], what="alice sees bob offline")
+    assert alice.seen("bob") == [True, False]
+    assert await settled_seq(alice) == 2
+
+
+async def test_reconnect_with_same_client_id_after_disconnect_and_after_timeout(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    alice = await clients.connect("alice", ["bob"], daemon)
+
+    # Session 1, then session 2 right after a clean disconnect.
+    bob = await clients.connect("bob", ["alice"], daemon, client_id="bob-1")
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+    await bob.client.disconnect()
+    await wait_for(lambda: not alice.friends["bob"], what="alice sees bob offline")
+    bob = await clients.connect("bob", ["alice"], daemon, client_id="bob-1")
+    assert bob.friends == {"alice": True}
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online again")
+    assert alice.seen("bob") == [True, False, True]
+    await bob.client.disconnect()
+    await wait_for(lambda: not alice.friends["bob"], what="alice sees bob offline")
+
+    # Session 3 stops pinging (a raw client that verifies its address, then goes quiet).
+    async with await RawPeer.open(daemon.address) as silent:
+        await silent.connect("bob", "bob-1", ["alice"])
+        await silent.ping()
+        await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+        await wait_for(
+            lambda: not alice.friends["bob"], TIMEOUT_WAIT, what="bob times out for alice"
+        )
+
+    # Session 4, same client id, right after the timeout.
+    bob = await clients.connect("bob", ["alice"], daemon, client_id="bob-1")
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+    assert alice.seen("bob") == [True, False] * 3 + [True]
+    assert await settled_seq(alice) == 7
+    assert set(await presence.clients("bob")) == {"bob-1"}
+
+
+async def test_restarted_client_replaces_its_session_without_a_flap(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    alice = await clients.connect("alice", ["bob"], daemon)
+    old = await RawPeer.open(daemon.address)
+    witness = await RawPeer.open(daemon.address)
+    try:
+        await old.connect("bob", "bob-1", ["alice"])
+        await old.ping()
+        await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+
+        # The client restarts on a new port with the same client id and goes on pinging;
+        # the old address falls silent. A witness goes silent at the same moment.
+        bob = await clients.connect("bob", ["alice"], daemon, client_id="bob-1")
+        await witness.connect("wendy", "wendy-1")
+        await witness.ping()
+        await wait_for(
+            lambda: offline(presence, "wendy"), TIMEOUT_WAIT, what="the silent witness times out"
+        )
+        # The old session would have timed out by now too; bob never went offline.
+        assert bob.client.connected
+        assert alice.seen("bob") == [True]
+        assert await settled_seq(alice) == 1
+        assert await online(presence, "bob") == {"bob": True}
+    finally:
+        old.close()
+        witness.close()
+
+
+async def test_silent_client_times_out_and_friends_are_told_once(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    alice = await clients.connect("alice", ["bob"], daemon)
+    async with await RawPeer.open(daemon.address) as bob:
+        await bob.connect("bob", "bob-1", ["alice"])
+        await bob.ping()
+        await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+
+        # bob stops pinging: dropped within timeout + sweep interval (bounded poll).
+        await wait_for(
+            lambda: not alice.friends["bob"], TIMEOUT_WAIT, what="bob times out for alice"
+        )
+        assert await online(presence, "bob") == {"bob": False}
+        assert alice.seen("bob") == [True, False]
+        assert await settled_seq(alice) == 2
+
+        # The daemon forgot the session: a late ping is told so.
+        assert bob.session is not None
+        bob.send(Ping(bob.session))
+        error, _ = await bob.recv_until(Error)
+        assert error.code is ErrorCode.UNKNOWN_SESSION
+
+
+# ---------------------------------------------------------------------------
+# Several daemons over one Redis.
+
+
+async def test_two_daemons_notify_each_other_both_ways(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    one, two = daemon_factory("d1"), daemon_factory("d2")
+    alice = await clients.connect("alice", ["bob"], one)
+    bob = await clients.connect("bob", ["alice"], two)
+    assert bob.friends == {"alice": True}
+    await wait_for(lambda: alice.friends["bob"], what="alice (d1) sees bob (d2) online")
+    # Each daemon owns the client that connected through it.
+    assert {cid: owner for cid, (owner, _) in (await presence.clients("alice")).items()} == {
+        alice.client.client_id: "d1"
+    }
+    assert {cid: owner for cid, (owner, _) in (await presence.clients("bob")).items()} == {
+        bob.client.client_id: "d2"
+    }
+
+    # d1 -> d2: alice leaves and comes back; bob hears both.
+    await alice.client.disconnect()
+    await wait_for(lambda: not bob.friends["alice"], what="bob (d2) sees alice (d1) offline")
+    alice = await clients.connect("alice", ["bob"], one)
+    assert alice.friends == {"bob": True}
+    await wait_for(lambda: bob.friends["alice"], what="bob (d2) sees alice (d1) online")
+
+    assert bob.seen("alice") == [True, False, True]
+    assert await settled_seq(bob) == 2  # alice offline, alice online: once each
+
+    # d2 -> d1: bob leaves.
+    await bob.client.disconnect()
+    await wait_for(lambda: not alice.friends["bob"], what="alice (d1) sees bob (d2) offline")
+    assert alice.seen("bob") == [True, False]  # online from its CONNECT_OK, then offline
+    assert await settled_seq(alice) == 1
+
+
+async def test_two_daemons_decide_each_transition_once(
+    daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    one, two = daemon_factory("d1"), daemon_factory("d2")
+    alice = await clients.connect("alice", ["bob"], one)
+    bob_one = clients.create("bob", ["alice"], one, client_id="bob-on-d1")
+    bob_two = clients.create("bob", ["alice"], two, client_id="bob-on-d2")
+
+    # bob's two clients connect at the same moment through different daemons.
+    await asyncio.gather(bob_one.client.connect(), bob_two.client.connect())
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+    assert await settled_seq(alice) == 1
+
+    # ...and leave at the same moment.
+    await asyncio.gather(bob_one.client.disconnect(), bob_two.client.disconnect())
+    await wait_for(lambda: not alice.friends["bob"], what="alice sees bob offline")
+    assert alice.seen("bob") == [True, False]
+    assert await settled_seq(alice) == 2
+
+
+async def test_sigterm_disconnects_held_clients_and_tells_friends_elsewhere(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    doomed, survivor = daemon_factory("doomed"), daemon_factory("survivor")
+    alice = await clients.connect("alice", ["carol"], doomed, auto_reconnect=False)
+    bob = await clients.connect("bob", ["carol"], doomed, auto_reconnect=False)
+    carol = await clients.connect("carol", ["alice", "bob"], survivor)
+    assert carol.friends == {"alice": True, "bob": True}
+
+    assert await doomed.aterminate() == 0
+    assert await online(presence, "alice", "bob", "carol") == {
+        "alice": False,
+        "bob": False,
+        "carol": True,
+    }
+    await wait_for(
+        lambda: carol.friends == {"alice": False, "bob": False},
+        what="carol (on the other daemon) sees alice and bob offline",
+    )
+    assert carol.seen("alice") == [True, False]
+    assert carol.seen("bob") == [True, False]
+    assert await settled_seq(carol) == 2
+    # The clients of the stopped daemon notice that it is gone.
+    await wait_for(
+        lambda: not alice.client.connected and not bob.client.connected,
+        TIMEOUT_WAIT,
+        what="alice's and bob's clients notice their daemon is gone",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Refusals, sizes, repair.
+
+
+async def test_client_id_in_use_for_another_user_is_refused(
+    daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    daemon = daemon_factory()
+    async with await RawPeer.open(daemon.address) as ann, await RawPeer.open(daemon.address) as ben:
+        await ann.connect("ann", "shared-id")
+        request = ben.next_request()
+        ben.send(Connect(request, "shared-id", "ben"), pad_to=MAX_DATAGRAM)
+        error, _ = await ben.recv_until(Error)
+        assert (error.request, error.code) == (request, ErrorCode.CLIENT_ID_IN_USE)
+
+        refused = clients.create("ben", [], daemon, client_id="shared-id")
+        with pytest.raises(PresenceClientError) as caught:
+            await refused.client.connect()
+        assert caught.value.code is ErrorCode.CLIENT_ID_IN_USE
+
+        # Once ann lets go of it, the client id is free for ben.
+        await ann.disconnect()
+        reply = await ben.connect("ben", "shared-id")
+        assert len(reply.session) == 16
+
+
+async def test_large_friend_list_survives_connect_and_snapshot(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    daemon = daemon_factory()
+    names = [f"friend-{i:03d}-".ljust(40, "x") for i in range(300)]
+    assert len(encode(Connect(0, "c", "popular", tuple(names)))) > MAX_DATAGRAM
+    first = await clients.connect(names[0], ["popular"], daemon)  # one mutual, online
+
+    popular = await clients.connect("popular", names, daemon)  # multi-part SET after connect
+    assert await presence.friends("popular") == set(names)
+    await wait_for(lambda: popular.friends[names[0]], what="popular sees its mutual friend")
+    await wait_for(lambda: first.friends["popular"], what="the friend sees popular online")
+
+    # A second client that keeps the stored list learns every name from a snapshot.
+    second = await clients.connect("popular", None, daemon)
+    await second.client.refresh()
+    assert set(second.friends) == set(names)
+    assert {name for name, up in second.friends.items() if up} == {names[0]}
+
+    # On the wire: the CONNECT_OK is cut short and the snapshot comes in several parts.
+    async with await RawPeer.open(daemon.address) as raw:
+        reply = await raw.connect("popular", "raw-client")
+        assert not reply.complete
+        await raw.ping()
+        assert raw.session is not None
+        request = raw.next_request()
+        raw.send(SnapshotRequest(request, raw.session))
+        parts: dict[int, Snapshot] = {}
+        while True:
+            part, _ = await raw.recv_until(Snapshot, request=request)
+            parts[part.part] = part
+            if len(parts) == part.parts:
+                break
+        assert len(parts) > 1
+        received = [state for p in parts.values() for state in p.friends]
+        assert sorted(state.name for state in received) == sorted(names)
+        assert [s.name for s in received if s.online] == [names[0]]
+        assert all(len(encode(p)) <= MAX_DATAGRAM for p in parts.values())
+
+
+async def test_withheld_notifications_are_repaired_by_snapshot(
+    daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    daemon = daemon_factory()
+    async with await RawPeer.open(daemon.address) as alice:
+        reply = await alice.connect("alice", "alice-1", ["bob"])
+        assert reply.seq == 0
+        assert [(s.name, s.online) for s in reply.friends] == [("bob", False)]
+        # alice has not pinged: her address is unverified, so notifications are withheld.
+        bob = await clients.connect("bob", ["alice"], daemon)
+        assert bob.friends == {"alice": True}
+
+        pong, before = await alice.ping()
+        assert not [m for m in before if isinstance(m, Notify)]
+        assert pong.seq == 1  # one notification was numbered but never sent: a gap
+
+        # Repair: a snapshot shows bob online and covers the gap.
+        request = alice.next_request()
+        assert alice.session is not None
+        alice.send(SnapshotRequest(request, alice.session))
+        snapshot, _ = await alice.recv_until(Snapshot, request=request)
+        assert (snapshot.part, snapshot.parts) == (0, 1)
+        assert snapshot.seq >= 1
+        assert [(s.name, s.online) for s in snapshot.friends] == [("bob", True)]
+
+        # Now verified, alice hears about bob directly, numbered after the gap.
+        await bob.client.disconnect()
+        notify, _ = await alice.recv_until(Notify)
+        assert notify.seq == 2
+        assert (notify.friend.name, notify.friend.online) == ("bob", False)
+        assert notify.friend.version > snapshot.friends[0].version
