@@ -1,0 +1,154 @@
+"""Ping throughput: the daemon against a bare uvloop + msgpack ceiling, in one run.
+
+1. *Ceiling*: ``loadgen.py ceiling-server`` (uvloop ``DatagramProtocol``, msgpack-decode
+   each datagram, reply with a small msgpack map) is loaded with pings.
+2. *Daemon*: ``python -m presence_daemon`` against a private Redis; the load generator
+   opens ``--clients`` real sessions (padded ``Connect`` -> ``ConnectOk``) spread over
+   ``--sockets`` UDP sockets, then pings them round-robin at full speed.
+
+Both targets get the same load: ``--window`` pings in flight per socket, ``--warmup``
+seconds unmeasured, then ``--duration`` seconds counted. The server is pinned to one
+CPU and the load generator to another (``os.sched_setaffinity``) when there are two.
+Redis ``INFO commandstats`` is read before and after the daemon's ping phase: pings are
+answered from memory, so the expected figure is 0 commands per ping.
+
+Run alone: ``.venv/bin/python bench/ping_rate.py [--duration S] [--clients N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from loadgen import (
+    pin_pid,
+    plan_cpus,
+    run_loadgen,
+    start_ceiling,
+    start_daemon,
+    stop_process,
+)
+
+from presence_daemon.embedded import EmbeddedRedis
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument("--clients", type=int, default=1000, help="daemon sessions pinged")
+    parser.add_argument("--sockets", type=int, default=16, help="load generator sockets")
+    parser.add_argument("--window", type=int, default=16, help="pings in flight per socket")
+
+
+def load_args(args: argparse.Namespace, server: tuple[str, int]) -> list[str]:
+    return [
+        "ping",
+        "--server",
+        f"{server[0]}:{server[1]}",
+        "--clients",
+        str(args.clients),
+        "--sockets",
+        str(args.sockets),
+        "--window",
+        str(args.window),
+        "--warmup",
+        str(args.warmup),
+        "--duration",
+        str(args.duration),
+    ]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the ceiling, then the daemon; returns both results and their ratio."""
+    server_cpu, load_cpu = plan_cpus()
+    timeout = args.warmup + args.duration + 120.0
+
+    ceiling, address = start_ceiling(server_cpu)
+    try:
+        ceiling_result = run_loadgen(
+            [*load_args(args, address), "--server-pid", str(ceiling.pid)], load_cpu, timeout
+        )
+    finally:
+        stop_process(ceiling)
+
+    with EmbeddedRedis() as redis:
+        pin_pid(redis.process.pid, load_cpu)  # idle while pinging; keep it off the server CPU
+        daemon = start_daemon(redis.url, server_cpu)
+        try:
+            daemon_result = run_loadgen(
+                [
+                    *load_args(args, daemon.address),
+                    "--connect",
+                    "--redis-url",
+                    redis.url,
+                    "--server-pid",
+                    str(daemon.proc.pid),
+                    "--redis-pid",
+                    str(redis.process.pid),
+                ],
+                load_cpu,
+                timeout,
+            )
+        finally:
+            daemon.stop()
+    return {
+        "pinning": {"server_cpu": server_cpu, "load_cpu": load_cpu},
+        "ceiling": ceiling_result,
+        "daemon": daemon_result,
+        "ratio": daemon_result["replies_per_s"] / max(ceiling_result["replies_per_s"], 1e-9),
+    }
+
+
+def cpu_us(cpu_share: float, per_second: float) -> float:
+    """CPU microseconds per operation: steadier than a rate on a shared machine."""
+    return cpu_share / per_second * 1e6 if per_second else float("nan")
+
+
+def report(result: dict[str, Any]) -> str:
+    """Human-readable lines for one run."""
+    pin = result["pinning"]
+    lines = []
+    if pin["server_cpu"] is None:
+        lines.append("note: fewer than 2 CPUs available, nothing pinned")
+    else:
+        lines.append(
+            f"pinned: server on cpu {pin['server_cpu']}, load generator on cpu {pin['load_cpu']}"
+            " (server and load share this machine: a 2-core box measures one core each)"
+        )
+    for name in ("ceiling", "daemon"):
+        r = result[name]
+        lines.append(
+            f"{name:8} {r['replies_per_s']:>10,.0f} replies/s  sent {r['sent_per_s']:>9,.0f}/s  "
+            f"loss {r['loss']:.2%}  cpu: server {r['server_cpu']:.0%} "
+            f"load {r['load_cpu']:.0%} other {r['other_cpu']:.0%}; "
+            f"server {cpu_us(r['server_cpu'], r['replies_per_s']):.1f} cpu-us/reply  "
+            f"({r['sockets']} sockets x {r['window']} in flight)"
+        )
+    daemon = result["daemon"]
+    lines.append(f"daemon/ceiling ratio {result['ratio']:.2f}")
+    lines.append(
+        f"daemon sessions {daemon['clients']} (connected in {daemon['connect_s']:.2f} s); "
+        f"redis commands per ping {daemon['redis_calls_per_ping']:.4f} "
+        f"({daemon['redis_calls'] or 'none'})"
+    )
+    for name in ("ceiling", "daemon"):
+        if result[name]["load_cpu"] > 0.9 and result[name]["server_cpu"] < 0.9:
+            lines.append(f"warning: the load generator, not the {name}, may be the bottleneck")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

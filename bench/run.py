@@ -1,0 +1,176 @@
+"""Run every benchmark and print one summary table (this is what ``make bench`` runs).
+
+``.venv/bin/python bench/run.py [--duration S] [--clients N] [--json]``
+
+The figures are for the machine printed above the table; on a 2-core machine the server
+gets one core and the load generator the other (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import connect_rate
+import ping_rate
+from loadgen import machine
+from ping_rate import cpu_us
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def spread(rates: Sequence[float]) -> str:
+    if not rates:
+        return ""
+    return (
+        f"0.5 s slices {min(rates):,.0f}..{max(rates):,.0f}, median {statistics.median(rates):,.0f}"
+    )
+
+
+def table(rows: Sequence[tuple[str, str, str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}".rstrip())
+        if n == 0:
+            lines.append(f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * widths[2]}")
+    return "\n".join(lines)
+
+
+def summary(ping: dict[str, Any], churn: dict[str, Any]) -> str:
+    ceiling, daemon = ping["ceiling"], ping["daemon"]
+    rows: list[tuple[str, str, str]] = [("figure", "value", "notes")]
+    rows.append(
+        (
+            "ceiling: uvloop+msgpack echo, replies/s",
+            fmt_rate(ceiling["replies_per_s"]),
+            f"loss {ceiling['loss']:.2%}; "
+            f"{cpu_us(ceiling['server_cpu'], ceiling['replies_per_s']):.1f} server cpu-us/reply; "
+            f"cpu server {ceiling['server_cpu']:.0%} "
+            f"load {ceiling['load_cpu']:.0%}; {spread(ceiling['slice_rates'])}",
+        )
+    )
+    rows.append(
+        (
+            f"daemon: pings/s, {daemon['clients']} sessions",
+            fmt_rate(daemon["replies_per_s"]),
+            f"loss {daemon['loss']:.2%}; "
+            f"{cpu_us(daemon['server_cpu'], daemon['replies_per_s']):.1f} daemon cpu-us/ping; "
+            f"cpu daemon {daemon['server_cpu']:.0%} "
+            f"load {daemon['load_cpu']:.0%}; {spread(daemon['slice_rates'])}",
+        )
+    )
+    cpu_ratio = cpu_us(ceiling["server_cpu"], ceiling["replies_per_s"]) / cpu_us(
+        daemon["server_cpu"], daemon["replies_per_s"]
+    )
+    rows.append(
+        (
+            "daemon / ceiling",
+            f"{ping['ratio']:.2f}",
+            f"pings/s over replies/s (by cpu-us per reply: {cpu_ratio:.2f})",
+        )
+    )
+    rows.append(
+        (
+            "redis commands per ping",
+            f"{daemon['redis_calls_per_ping']:.4f}",
+            f"{daemon['replies_total']:,} pings; expected 0 (pings are answered from memory)",
+        )
+    )
+    rows.append(
+        (
+            f"daemon: transitions/s ({churn['friends']} friends, half online)",
+            fmt_rate(churn["transitions_per_s"]),
+            f"{churn['window']} users cycling; per transition "
+            f"{cpu_us(churn['server_cpu'], churn['transitions_per_s']):,.0f} daemon cpu-us, "
+            f"{cpu_us(churn['redis_cpu'], churn['transitions_per_s']):,.0f} redis cpu-us; "
+            f"cpu daemon {churn['server_cpu']:.0%} redis {churn['redis_cpu']:.0%} "
+            f"load {churn['load_cpu']:.0%}; {spread(churn['slice_rates'])}",
+        )
+    )
+    rows.append(
+        (
+            "redis commands per transition",
+            f"{churn['redis_calls_per_transition']:.1f}",
+            f"incl. inside Lua; EVALSHA {churn['evalsha_per_transition']:.1f}, "
+            f"HGETALL {churn['redis_calls'].get('hgetall', 0) / churn['transitions_total']:.1f}",
+        )
+    )
+    rows.append(
+        (
+            "notifications received/s",
+            fmt_rate(churn["notifications_per_s"]),
+            "Notify datagrams to the online friends, during the churn",
+        )
+    )
+    return table(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument("--clients", type=int, default=1000, help="sessions / users")
+    parser.add_argument("--json", action="store_true", help="also print the raw results")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
+    print(f"command: {command}  (make bench)")
+    print(
+        f"machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
+        f"{info['platform']}, load average before start {os.getloadavg()[0]:.2f}"
+    )
+    started = time.monotonic()
+
+    ping_args = argparse.Namespace(
+        duration=args.duration, warmup=args.warmup, clients=args.clients, sockets=16, window=16
+    )
+    print("\n== ping rate (bench/ping_rate.py)", flush=True)
+    ping = ping_rate.run(ping_args)
+    print(ping_rate.report(ping), flush=True)
+
+    churn_args = argparse.Namespace(
+        duration=args.duration,
+        warmup=args.warmup,
+        clients=args.clients,
+        friends=20,
+        window=64,
+        sockets=16,
+    )
+    print("\n== connect rate (bench/connect_rate.py)", flush=True)
+    churn = connect_rate.run(churn_args)
+    print(connect_rate.report(churn), flush=True)
+
+    print(f"\n== summary ({time.monotonic() - started:.0f} s)")
+    print(summary(ping, churn))
+    busy = max(ping["ceiling"]["other_cpu"], ping["daemon"]["other_cpu"], churn["other_cpu"])
+    if ping["pinning"]["server_cpu"] is None:
+        print("note: fewer than 2 CPUs available: server and load generator were not pinned.")
+    else:
+        print(
+            f"note: only {info['nproc']} CPUs here: the server runs on cpu "
+            f"{ping['pinning']['server_cpu']}, the load generator (and Redis) on cpu "
+            f"{ping['pinning']['load_cpu']}; nothing else should run meanwhile."
+        )
+    if busy > 0.1:
+        print(
+            f"warning: other processes used up to {busy:.0%} of a core during the runs; "
+            "the figures are low and noisy. Re-run on an idle machine."
+        )
+    if args.json:
+        print(json.dumps({"machine": info, "ping": ping, "connect": churn}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
