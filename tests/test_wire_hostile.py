@@ -23,6 +23,7 @@ from daemons import DaemonProcess, RawPeer
 from presence_client.protocol import (
     MAX_DATAGRAM,
     MAX_NAME_CHARS,
+    MIN_CONNECT_SIZE,
     Connect,
     ConnectOk,
     Disconnect,
@@ -40,6 +41,7 @@ from presence_client.protocol import (
     decode,
     encode,
 )
+from presence_daemon import keys
 from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import Presence
 
@@ -304,13 +306,19 @@ async def test_small_connect_gets_a_cut_connect_ok_no_larger_than_itself(
     await peer.disconnect()
 
 
-async def test_tiny_unpadded_connect_is_not_amplified(peer: RawPeer) -> None:
+async def test_tiny_unpadded_connect_is_dropped_unanswered(
+    peer: RawPeer, redis_client: redis.asyncio.Redis
+) -> None:
     connect = encode(Connect(9, "t-1", "tiny"))
+    assert len(connect) < MIN_CONNECT_SIZE
     peer.send(connect)
-    # The same connect again, padded: it is queued behind the first (same client id),
-    # so everything answered to the tiny one arrives before this answer.
-    peer.send(Connect(10, "t-1", "tiny"), pad_to=MAX_DATAGRAM)
+    # Then a padded connect of the same client id for another user: it is queued behind
+    # the first (same client id), so had the tiny one opened a session, this one would
+    # be refused with CLIENT_ID_IN_USE; and anything answered to the tiny one would
+    # arrive first.
+    peer.send(Connect(10, "t-1", "other"), pad_to=MAX_DATAGRAM)
     reply, before = await peer.recv_until(ConnectOk, request=10)
     assert before == []  # a CONNECT_OK would not fit in the tiny datagram: none at all
+    assert await redis_client.exists(keys.clients_key("tiny")) == 0
     peer.session = reply.session
     await peer.disconnect()

@@ -36,6 +36,10 @@ PROTOCOL_VERSION: Final = 1
 MAX_DATAGRAM: Final = 1200
 """Largest datagram either side sends or accepts, in bytes (fits any path's MTU)."""
 
+MIN_CONNECT_SIZE: Final = 128
+"""A CONNECT smaller than this is dropped unanswered: no CONNECT_OK would fit in a reply
+no larger than it (see MAX_DATAGRAM and address verification). Clients pad CONNECT."""
+
 MAX_NAME_CHARS: Final = 64
 """Longest user name, client id or friend name, in characters."""
 

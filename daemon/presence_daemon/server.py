@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 
 from presence_client.protocol import (
     MAX_DATAGRAM,
+    MIN_CONNECT_SIZE,
     Connect,
     ConnectOk,
     Disconnect,
@@ -197,6 +198,10 @@ class Server:
         try:
             if type(msg) is Ping:
                 self._on_ping(msg, addr, len(data))
+            elif type(msg) is Connect and len(data) < MIN_CONNECT_SIZE:
+                # No answer could fit, so the client could never use the session: drop
+                # it before it costs Redis anything (or lets a spoofed source log in).
+                self.counters["rejected_connect_too_small"] += 1
             elif type(msg) is Connect:
                 self._enqueue(
                     msg.client_id,

@@ -1,0 +1,487 @@
+"""``presence-client``: a terminal client of the presence service.
+
+Two ways in:
+
+* ``presence-client --user alice --friend bob --friend carol`` (non-interactive);
+* ``presence-client`` alone, like the original Lockwood client: it asks for the user
+  name, then friend names one per line, an empty line to finish. When stdin is not a
+  terminal the same lines are read from it without prompts, so the flow is scriptable:
+  ``printf 'alice\\nbob\\n\\n' | presence-client``.
+
+When stdout is a terminal (and ``--plain`` is not given) a live view shows the friends,
+the connection and the last transitions; otherwise one line per event is printed (see
+:mod:`presence_client.render`). ``q`` (plus Enter in line mode), Ctrl-C or SIGTERM
+disconnect cleanly and exit 0; ``--duration`` exits by itself. End of stdin does not
+quit. No daemon answering exits 1; a bad command-line value exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, NoReturn, TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+
+from presence_client.protocol import MAX_NAME_CHARS, is_valid_name
+from presence_client.render import ViewState, render_event_line, render_friend_lines, render_view
+from presence_client.sdk import (
+    DEFAULT_PORT,
+    Event,
+    FriendEvent,
+    PresenceClient,
+    PresenceClientError,
+    Server,
+    parse_server,
+)
+
+PROG: Final = "presence-client"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+NAME_RULE: Final = f"1-{MAX_NAME_CHARS} letters, digits, '_', '.', '@', '+' or '-'"
+QUIT_WORDS: Final = frozenset({"q", "quit", "exit"})
+
+
+class UsageError(Exception):
+    """A bad command line or input; the message is one line naming the bad value."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad value in one line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _name_type(what: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if not is_valid_name(text):
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r} (expected {NAME_RULE})")
+        return text
+
+    return check
+
+
+def _server_type(text: str) -> Server:
+    try:
+        return parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(what: str, cast: Callable[[str], float]) -> Callable[[str], float]:
+    def check(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r} (expected > 0)")
+        return value
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The parsed command line."""
+
+    user: str | None
+    friends: tuple[str, ...]
+    servers: tuple[Server, ...]
+    client_id: str | None
+    plain: bool
+    duration: float | None
+    log_level: str
+    connect_attempts: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog=PROG,
+        description=(
+            "Terminal client of the presence service: shows which of your friends are "
+            "online (a friend is shown online only if you list each other). Without "
+            "--user, asks for the user name and then friend names, one per line, an "
+            "empty line to finish (read from stdin without prompts when it is not a "
+            "terminal). q + Enter, Ctrl-C or SIGTERM quit."
+        ),
+    )
+    parser.add_argument("--user", type=_name_type("user name"), help="who you are")
+    parser.add_argument(
+        "--friend",
+        dest="friends",
+        action="append",
+        default=[],
+        type=_name_type("friend name"),
+        metavar="NAME",
+        help="a friend to declare (repeat for more)",
+    )
+    parser.add_argument(
+        "--server",
+        dest="servers",
+        action="append",
+        default=[],
+        type=_server_type,
+        metavar="HOST:PORT",
+        help=f"daemon to use; repeat for a failover list (default 127.0.0.1:{DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--client-id", type=_name_type("client id"), help="this client's id (default random)"
+    )
+    parser.add_argument("--plain", action="store_true", help="print one line per event")
+    parser.add_argument(
+        "--duration",
+        type=_positive("duration", float),
+        metavar="SECONDS",
+        help="disconnect and exit after this many seconds",
+    )
+    parser.add_argument(
+        "--connect-attempts",
+        type=_positive("connect attempts", int),
+        default=8,
+        metavar="N",
+        help="attempts (along the server list) before giving up (default 8)",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="warning", help="(default warning)"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    """Parse the command line; raises UsageError (one line) for a bad value."""
+    args = build_parser().parse_args(argv)
+    return Options(
+        user=args.user,
+        friends=tuple(args.friends),
+        servers=tuple(args.servers) or (("127.0.0.1", DEFAULT_PORT),),
+        client_id=args.client_id,
+        plain=args.plain,
+        duration=args.duration,
+        log_level=args.log_level,
+        connect_attempts=int(args.connect_attempts),
+    )
+
+
+# -- stdin ---------------------------------------------------------------------------
+
+
+class LineSource:
+    """Lines from a file descriptor, read with ``os.read`` (no hidden buffering), so the
+    same descriptor can first answer the name prompts and later carry ``q``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.eof = False
+
+    @property
+    def is_tty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def read_chunk(self) -> bytes:
+        """Whatever is buffered, else one read (blocking); b"" at end of input."""
+        if self.buffer:
+            chunk, self.buffer = self.buffer, b""
+            return chunk
+        if self.eof:
+            return b""
+        try:
+            chunk = os.read(self.fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+        return chunk
+
+    def readline(self) -> str | None:
+        """The next line without its newline (blocking); None at end of input."""
+        while b"\n" not in self.buffer and not self.eof:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+            self.buffer += chunk
+        if not self.buffer:
+            return None
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode(errors="replace").rstrip("\r")
+
+
+def _stdin_source() -> LineSource | None:
+    """stdin as a LineSource, or None when there is no usable stdin descriptor."""
+    try:
+        return LineSource(sys.stdin.fileno()) if sys.stdin is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_names(
+    source: LineSource, prompt: Callable[[str], None] | None, err: TextIO
+) -> tuple[str, list[str]]:
+    """The Lockwood flow: a user name, then friend names until an empty line or EOF.
+
+    ``prompt`` (interactive only) shows a prompt; a bad name is reported on ``err`` in
+    one line and asked again. Raises UsageError when input ends before a user name.
+    """
+    user: str | None = None
+    while user is None:
+        if prompt is not None:
+            prompt("user name: ")
+        line = source.readline()
+        if line is None:
+            raise UsageError("no user name given (use --user, or type it on stdin)")
+        name = line.strip()
+        if not name:
+            continue
+        if is_valid_name(name):
+            user = name
+        else:
+            print(f"invalid user name {name!r}: expected {NAME_RULE}", file=err, flush=True)
+    friends: list[str] = []
+    while True:
+        if prompt is not None:
+            prompt("friend (empty line to finish): ")
+        line = source.readline()
+        name = "" if line is None else line.strip()
+        if not name:
+            return user, friends
+        if is_valid_name(name):
+            friends.append(name)
+        else:
+            print(f"invalid friend name {name!r}: expected {NAME_RULE}", file=err, flush=True)
+
+
+def _watch_input(
+    loop: asyncio.AbstractEventLoop, source: LineSource, single_keys: bool, quit: Callable[[], None]
+) -> None:
+    """Call ``quit`` (in the loop) on ``q`` (+ Enter unless ``single_keys``); EOF is ignored."""
+
+    def run() -> None:
+        while True:
+            if single_keys:
+                chunk = source.read_chunk()
+                if not chunk:
+                    return
+                wanted = b"q" in chunk.lower()
+            else:
+                line = source.readline()
+                if line is None:
+                    return
+                wanted = line.strip().lower() in QUIT_WORDS
+            if wanted:
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(quit)
+                return
+
+    # A daemon thread blocked in os.read does not keep the process alive.
+    threading.Thread(target=run, name="stdin", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _cbreak(fd: int) -> Iterator[None]:
+    """Single keys without echo on a terminal; restores the terminal afterwards."""
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+# -- displays ------------------------------------------------------------------------
+
+
+class PlainDisplay:
+    """One flushed line per event; the full friend picture after the first connect."""
+
+    def __init__(self, client: PresenceClient, out: TextIO) -> None:
+        self.client = client
+        self.out = out
+        self.shown: dict[str, bool] = {}
+        self.connected_once = False
+
+    def __enter__(self) -> PlainDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        return None
+
+    def emit(self, line: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # stdout gone: nothing to tell
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, FriendEvent):
+            # Before the first connect line, the initial states are printed in full below.
+            if self.connected_once and self.shown.get(event.name) != event.online:
+                self.shown[event.name] = event.online
+                self.emit(render_event_line(event))
+            return
+        self.emit(render_event_line(event))
+        if event.status == "connected" and not self.connected_once:
+            self.connected_once = True
+            self.shown.update(self.client.friends)
+            for line in render_friend_lines(self.client.friends):
+                self.emit(line)
+
+
+class LiveDisplay:
+    """A rich Live view of :class:`ViewState`, redrawn on every event."""
+
+    def __init__(self, state: ViewState, console: Console) -> None:
+        self.state = state
+        self.live = Live(
+            render_view(state), console=console, auto_refresh=False, redirect_stderr=False
+        )
+
+    def __enter__(self) -> LiveDisplay:
+        self.live.start(refresh=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Draw the final state and stop (idempotent)."""
+        if self.live.is_started:
+            self.live.update(render_view(self.state), refresh=True)
+            self.live.stop()
+
+    def on_event(self, event: Event) -> None:
+        self.state.apply(event, datetime.now())
+        self.live.update(render_view(self.state), refresh=True)
+
+
+# -- running -------------------------------------------------------------------------
+
+
+async def run_client(
+    opts: Options,
+    user: str,
+    friends: Sequence[str],
+    source: LineSource | None,
+    live: bool,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Connect, show events until quit/signal/duration, disconnect; the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    client = PresenceClient(
+        user,
+        friends,
+        servers=opts.servers,
+        client_id=opts.client_id,
+        connect_attempts=opts.connect_attempts,
+    )
+    display: PlainDisplay | LiveDisplay
+    if live:
+        console = Console(file=out)
+        _setup_logging(opts.log_level, console)
+        display = LiveDisplay(ViewState(user, dict(client.friends), opts.servers), console)
+    else:
+        _setup_logging(opts.log_level, None)
+        display = PlainDisplay(client, out)
+    client.add_listener(display.on_event)
+    single_keys = live and source is not None and source.is_tty
+    keys = _cbreak(source.fd) if single_keys and source else contextlib.nullcontext()
+    try:
+        with keys, display:
+            connecting = asyncio.create_task(client.connect())
+            waiting = asyncio.create_task(asyncio.wait_for(stop.wait(), opts.duration))
+            await asyncio.wait({connecting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if connecting.done():
+                try:
+                    connecting.result()
+                except (PresenceClientError, OSError) as exc:
+                    waiting.cancel()
+                    error = f"{PROG}: error: could not connect: {exc}"
+                    display.close()
+                    print(error, file=err, flush=True)
+                    return 1
+                if source is not None:
+                    _watch_input(loop, source, single_keys, stop.set)
+                with contextlib.suppress(TimeoutError):
+                    await waiting
+            else:
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, PresenceClientError):
+                    await connecting
+            await client.disconnect()
+        return 0
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def _setup_logging(level: str, console: Console | None) -> None:
+    handler: logging.Handler
+    if console is not None:
+        handler = RichHandler(console=console, show_path=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("presence_client")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``presence-client`` command; returns the exit code."""
+    out, err = sys.stdout, sys.stderr
+    try:
+        opts = parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=err, flush=True)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    source = _stdin_source()
+    user, friends = opts.user, list(opts.friends)
+    try:
+        if user is None:
+            if source is None:
+                raise UsageError("no user name given (use --user, or type it on stdin)")
+
+            def prompt(text: str) -> None:
+                err.write(text)
+                err.flush()
+
+            user, friends = read_names(source, prompt if source.is_tty else None, err)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=err, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(file=err)
+        return 0
+    live = not opts.plain and out.isatty()
+    return asyncio.run(run_client(opts, user, friends, source, live, out, err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
