@@ -74,6 +74,8 @@ MAX_BACKOFF: Final = 4.0
 ATTEMPTS_PER_SERVER: Final = 3
 """Silent attempts at one server before trying the next one."""
 FAILOVER_MISSED_PINGS: Final = 3
+MIN_PING_INTERVAL: Final = 0.05
+"""Never ping more often than this, whatever a daemon asks."""
 """Ping intervals without any datagram from the daemon before reconnecting elsewhere."""
 
 
@@ -186,6 +188,7 @@ class PresenceClient:
         self._listeners: list[Callable[[Event], None]] = []
         self._ping_task: asyncio.Task[None] | None = None
         self._repair_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
         self._last_heard = 0.0
         self._closed = False
         self._next_request = secrets.randbelow(MAX_REQUEST_ID)
@@ -235,7 +238,7 @@ class PresenceClient:
     async def disconnect(self) -> None:
         """Say goodbye to the daemon (retried a few times) and close the socket."""
         self._closed = True
-        for task in (self._ping_task, self._repair_task):
+        for task in (self._ping_task, self._repair_task, self._reconnect_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -357,7 +360,9 @@ class PresenceClient:
                         return Friends(request, session, op, names)
 
                     await self._request(build, (FriendsOk,))
-        except BaseException:
+        except PresenceClientError as exc:
+            if exc.code is None:
+                raise  # no answer: the daemon may have applied it; keep the names
             for name in added:
                 self.versions.pop(name, None)
                 if self.friends.pop(name, False):
@@ -414,6 +419,8 @@ class PresenceClient:
         last_error: PresenceClientError | None = None
         remaining = attempts
         while remaining > 0:
+            if self._closed:
+                raise PresenceClientError("client closed")
             await self._open()
             tries = min(ATTEMPTS_PER_SERVER, remaining)
             remaining -= tries
@@ -439,9 +446,12 @@ class PresenceClient:
 
     async def _on_connected(self, reply: ConnectOk, send_friends: bool) -> None:
         self.session = reply.session
-        self.ping_interval = reply.ping_interval_ms / 1000
+        self.ping_interval = max(reply.ping_interval_ms / 1000, MIN_PING_INTERVAL)
         self.timeout = reply.timeout_ms / 1000
         self.last_seq = reply.seq
+        # Versions are only comparable within one Redis lifetime (an emptied Redis
+        # counts from 1 again): the connect reply and snapshot set a new baseline.
+        self.versions.clear()
         self._last_heard = asyncio.get_running_loop().time()
         # Prove our address at once (the daemon holds notifications until then).
         self._send_bytes(encode(Ping(reply.session)))
@@ -457,21 +467,34 @@ class PresenceClient:
         loop = asyncio.get_running_loop()
         while not self._closed:
             await asyncio.sleep(self.ping_interval)
+            if self._reconnect_task is not None and not self._reconnect_task.done():
+                continue  # a reconnect is under way; it restarts the pings by succeeding
             silent = loop.time() - self._last_heard
             if self.session is not None and silent < FAILOVER_MISSED_PINGS * self.ping_interval:
                 self._send_bytes(encode(Ping(self.session)))
                 continue
-            await self._reconnect()
+            self._start_reconnect(next_server=True)
 
-    async def _reconnect(self) -> None:
-        """Connect again (next server first), retrying until it works or we close."""
-        if not self.auto_reconnect:
-            self.session = None
-            self._closed = True
-            self._emit(StatusEvent("disconnected", None))
+    def _start_reconnect(self, *, next_server: bool) -> None:
+        """Start reconnecting in the background, unless that is already under way."""
+        if self._closed or (self._reconnect_task is not None and not self._reconnect_task.done()):
             return
         self.session = None
-        self.server_index = (self.server_index + 1) % len(self.servers)
+        self._reconnect_task = asyncio.get_running_loop().create_task(
+            self._reconnect(next_server=next_server)
+        )
+
+    async def _reconnect(self, *, next_server: bool) -> None:
+        """Connect again, retrying until it works or we close. After silence the next
+        server is tried first; after UNKNOWN_SESSION (the daemon forgot us, or our
+        address changed) the same one."""
+        if not self.auto_reconnect:
+            self._closed = True
+            self._close_transport()
+            self._emit(StatusEvent("disconnected", None))
+            return
+        if next_server:
+            self.server_index = (self.server_index + 1) % len(self.servers)
         self._emit(StatusEvent("reconnecting", self.server))
         backoff = self.request_timeout
         while not self._closed:
@@ -504,10 +527,9 @@ class PresenceClient:
             and msg.code is ErrorCode.UNKNOWN_SESSION
             and msg.request not in self._pending
         ):
-            # The daemon forgot us (timeout, restart): connect again.
-            if self.session is not None and not self._closed:
-                self.session = None
-                asyncio.get_running_loop().create_task(self._reconnect())
+            # The daemon forgot us (timeout, restart, our address changed): connect again.
+            if self.session is not None:
+                self._start_reconnect(next_server=False)
         elif isinstance(msg, ConnectOk | DisconnectOk | FriendsOk | Error):
             future = self._pending.get(msg.request)
             if future is not None and not future.done():
@@ -525,6 +547,9 @@ class PresenceClient:
         future = self._pending.get(msg.request)
         if parts is None or future is None or future.done():
             return
+        first = next(iter(parts.values()), None)
+        if first is not None and (first.parts != msg.parts or first.seq != msg.seq):
+            parts.clear()  # parts of an earlier answer to this request: start over
         parts[msg.part] = msg
         if len(parts) < msg.parts:
             return

@@ -53,11 +53,12 @@ def _signal_trigger() -> Callable[[], Awaitable[None]]:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+        await stop.wait()
+        # Keep catching the signals while the daemon drains: a second Ctrl-C must not
+        # interrupt the clean-up that keeps users from staying online. (The handlers go
+        # away with the loop.)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, log.info, "already shutting down")
 
     return wait_for_signal
 

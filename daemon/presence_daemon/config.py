@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 import sys
@@ -20,6 +21,8 @@ from presence_client.protocol import is_valid_name
 
 DEFAULT_PORT: Final = 13131
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+MIN_SECONDS: Final = 0.01
+MAX_SECONDS: Final = 86_400.0
 
 
 class ConfigError(ValueError):
@@ -67,14 +70,20 @@ class Config:
             self.redis_url,
             "a redis://, rediss:// or unix:// URL",
         )
-        _check(self.ping_interval > 0, "ping-interval", self.ping_interval, "seconds > 0")
+        for name in ("ping_interval", "timeout", "sweep_interval"):
+            value = getattr(self, name)
+            _check(
+                math.isfinite(value) and MIN_SECONDS <= value <= MAX_SECONDS,
+                name.replace("_", "-"),
+                value,
+                f"seconds from {MIN_SECONDS} to {MAX_SECONDS}",
+            )
         _check(
             self.timeout > self.ping_interval,
             "timeout",
             self.timeout,
             f"seconds > ping-interval ({self.ping_interval})",
         )
-        _check(self.sweep_interval > 0, "sweep-interval", self.sweep_interval, "seconds > 0")
         _check(
             self.instance_id == "" or is_valid_name(self.instance_id),
             "instance-id",

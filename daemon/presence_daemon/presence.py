@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from presence_client.protocol import ErrorCode, FriendState, check_name
 from presence_daemon import keys
@@ -47,6 +48,8 @@ from presence_daemon.scripts import Call, Scripts
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRIENDS: Final = 1000
+FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.5, 2.0)
+"""Seconds before each background retry of a fan-out that hit a Redis error."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
 
 
@@ -140,7 +143,10 @@ class Presence:
         self.max_friends = max_friends
         self.deliver = deliver
         self.scripts = Scripts()
+        self.fan_out_failures = 0
+        """Fan-outs given up after every retry (their clients repair by snapshot later)."""
         self._listeners: list[Listener] = []
+        self._retries: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Presence:
@@ -152,7 +158,9 @@ class Presence:
         await self.scripts.load(self.redis)
 
     async def close(self) -> None:
-        """Close the Redis client."""
+        """Cancel pending fan-out retries and close the Redis client."""
+        for task in list(self._retries):
+            task.cancel()
         await self.redis.aclose()
 
     # -- transitions ---------------------------------------------------------------
@@ -222,6 +230,16 @@ class Presence:
         )
         if went_online:
             await self._transition(user, True, int(version), mutual)
+        # The binding and the clients hash live under different tags, so a concurrent
+        # connect of this client id for another user may have judged our fresh binding
+        # stale and taken it over before our entry landed. Check after writing: the
+        # binding decides, and the loser undoes its entry.
+        bound = await self.redis.get(keys.client_key(client_id))
+        if bound is not None and _text(bound).split("|", 1)[0] != user:
+            await self.disconnected(client_id, user=user, token=token)
+            raise PresenceError(
+                ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
+            )
         return Connection(token, bool(went_online), int(version))
 
     async def _claim(self, client_id: str, user: str, token: str) -> None:
@@ -275,11 +293,39 @@ class Presence:
 
     async def _transition(self, user: str, online: bool, version: int, mutual: Any) -> None:
         self._emit(Transition(user, online, version))
-        if self.deliver is None or not mutual:
-            return
         state = FriendState(user, online, version)
-        deliveries = await self._deliveries([(_text(name), state) for name in mutual])
-        await self.deliver(deliveries)
+        await self._fan_out([(_text(name), state) for name in mutual])
+
+    async def _fan_out(self, targets: list[tuple[str, FriendState]]) -> None:
+        """Deliver a decided change to every client of each target user.
+
+        The decision is already made in Redis, so a failure here must not undo or
+        fail the call: it is retried in the background with backoff, then logged and
+        counted. (Deliveries are versioned facts: a repeat is harmless.)
+        """
+        if self.deliver is None or not targets:
+            return
+        try:
+            await self.deliver(await self._deliveries(targets))
+        except (RedisError, OSError) as exc:
+            log.warning("fan-out failed (%s); retrying in the background", exc)
+            task = asyncio.get_running_loop().create_task(self._fan_out_retry(targets))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _fan_out_retry(self, targets: list[tuple[str, FriendState]]) -> None:
+        assert self.deliver is not None
+        for delay in FAN_OUT_RETRY_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                await self.deliver(await self._deliveries(targets))
+                return
+            except (RedisError, OSError):
+                continue
+        self.fan_out_failures += 1
+        log.error(
+            "fan-out to %d users lost after %d retries", len(targets), len(FAN_OUT_RETRY_DELAYS)
+        )
 
     async def _deliveries(self, targets: Sequence[tuple[str, FriendState]]) -> list[Delivery]:
         """Read the clients of each target user; one Delivery per client."""
@@ -371,20 +417,18 @@ class Presence:
             for name, added, _ in changes
         ]
         results = await self.scripts.call_many(self.redis, calls)
-        if self.deliver is None:
-            return
-        # Only a pair that is mutual before or after the change sees anything: the
-        # changed friend must declare the user (is_fan). Offline parties look the same
-        # before and after, so nothing is sent about them.
+        # Only a pair that is mutual before or after the change sees anything, and an
+        # offline party looks the same before and after, so nothing is sent about it.
+        # Mutual before/after is known from the friend's side (``visible``, read after
+        # its reverse index changed) or from ours (``is_fan``). Both are needed: when
+        # two users add each other at once, each call may read is_fan = 0, but each
+        # call's fans.lua then sees the other's declaration already made (visible = 1).
         targets: list[tuple[str, FriendState]] = []
         for (name, added, is_fan), (friend_version, friend_online, visible) in zip(
             changes, results, strict=True
         ):
-            if not is_fan:
-                continue
-            if friend_online:
+            if friend_online and (is_fan or visible):
                 targets.append((user, FriendState(name, bool(visible), int(friend_version))))
-            if online:
+            if online and is_fan:
                 targets.append((name, FriendState(user, added, int(version))))
-        if targets:
-            await self.deliver(await self._deliveries(targets))
+        await self._fan_out(targets)

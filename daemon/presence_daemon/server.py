@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -56,12 +57,12 @@ from presence_client.protocol import (
     Message,
     Notify,
     Ping,
-    Pong,
     ProtocolError,
     Snapshot,
     SnapshotRequest,
     decode,
     encode,
+    encode_pong,
     overhead,
     split_friend_states,
 )
@@ -136,6 +137,9 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_redis_error_log = -REDIS_ERROR_LOG_INTERVAL
         self.stopping = False
+        # Timed-out sessions whose removal could not be queued or failed: retried first
+        # by the next sweep (kept apart so the recency order stays sorted by last_seen).
+        self._failed_removals: list[Session] = []
         self.ping_interval_ms = round(config.ping_interval * 1000)
         self.timeout_ms = round(config.timeout * 1000)
 
@@ -162,7 +166,10 @@ class Server:
             )
         except TimeoutError:
             log.warning("shutdown: queued work did not finish within %.1f s", drain_timeout)
-        sessions = list(self.by_client.values())
+            for task in self._tasks[: len(self._queues)]:
+                task.cancel()  # nothing may land in Redis after the removal pass
+        # Every session held, including one whose connect was cut short above.
+        sessions = list(self.by_token.values())
         for session in sessions:
             session.closing = True
         limit = asyncio.Semaphore(len(self._queues))
@@ -230,29 +237,40 @@ class Server:
 
     def _on_ping(self, msg: Ping, addr: Address, size: int) -> None:
         session = self.by_token.get(msg.session)
-        if session is None:
+        if session is None or not self._touch(session, addr):
             self.counters["rejected_unknown_session"] += 1
             self._reply(Error(0, ErrorCode.UNKNOWN_SESSION), addr, limit=size)
             return
-        self._touch(session, addr)
         self.counters["pings"] += 1
-        self._reply(Pong(session.seq), addr)
+        self._send(encode_pong(session.seq), addr)
+        self.counters["datagrams_out"] += 1
 
-    def _touch(self, session: Session, addr: Address) -> None:
-        """A datagram with the session's token arrived from ``addr``: the address is
-        verified (the token was only ever sent to the client) and the session alive."""
+    def _touch(self, session: Session, addr: Address) -> bool:
+        """A datagram with the session's token arrived from ``addr``.
+
+        From the session's own address it verifies the address (the token was only ever
+        sent there) and keeps the session alive. From any other address it is refused:
+        a token replayed from elsewhere must not redirect the session's datagrams (that
+        would let anyone aim replies at a third party). A client whose address really
+        changed (NAT rebinding) is told UNKNOWN_SESSION and connects again, with the
+        same client id, without its user going offline.
+        """
         if session.address != addr:
-            self.counters["address_changes"] += 1
-            session.address = addr
+            self.counters["rejected_address_mismatch"] += 1
+            return False
         session.verified = True
         session.last_seen = self.clock()
         if not session.closing:
             self.recency.move_to_end(session.token)
+        return True
 
     def _on_session_message(
         self, msg: Disconnect | Friends | SnapshotRequest, addr: Address, size: int
     ) -> None:
         session = self.by_token.get(msg.session)
+        if session is not None and not self._touch(session, addr):
+            self._reply(Error(msg.request, ErrorCode.UNKNOWN_SESSION), addr, limit=size)
+            return
         if session is None:
             if type(msg) is Disconnect:
                 # Idempotent: a retried disconnect whose first copy worked is acknowledged.
@@ -262,7 +280,6 @@ class Server:
                 self.counters["rejected_unknown_session"] += 1
                 self._reply(Error(msg.request, ErrorCode.UNKNOWN_SESSION), addr, limit=size)
             return
-        self._touch(session, addr)
         job: Job
         if type(msg) is Disconnect:
             job = lambda: self._on_disconnect(msg, session)  # noqa: E731
@@ -314,10 +331,10 @@ class Server:
         if existing is not None and existing.address == addr and not existing.closing:
             # A retried connect (its reply was lost): same session, same answer.
             self.counters["connects_repeated"] += 1
-            if msg.friends is not None:
-                await self._guarded(
-                    msg.request, addr, size, self.presence.set_friends(msg.user, msg.friends)
-                )
+            if msg.friends is not None and not await self._guarded(
+                msg.request, addr, size, self.presence.set_friends(msg.user, msg.friends)
+            ):
+                return
             await self._send_connect_ok(msg, existing, addr, size)
             return
         session = Session(
@@ -340,6 +357,8 @@ class Server:
             )
         except (PresenceError, RedisError, OSError) as exc:
             self._drop(session)
+            if existing is not None and existing.token in self.by_token:
+                self.by_client[msg.client_id] = existing  # the old session lives on
             self._refuse(exc, msg.request, addr, size)
             return
         if existing is not None:
@@ -402,6 +421,9 @@ class Server:
             friends=tuple(first),
             complete=complete,
         )
+        if len(encode(reply)) > size:
+            # Even the first friend does not fit (a long name): answer without friends.
+            reply = dataclasses.replace(reply, friends=(), complete=False)
         self._reply(reply, addr, limit=size)
 
     async def _on_disconnect(self, msg: Disconnect, session: Session) -> None:
@@ -410,8 +432,9 @@ class Server:
         try:
             await self._remove(session, reason="disconnect")
         except (RedisError, OSError) as exc:
-            # Keep the session so the client's retry finds it; the sweep retries too.
+            # Keep the session so the client's retry finds it (or it times out later).
             session.closing = False
+            session.last_seen = self.clock()
             self.recency[session.token] = session
             self._refuse(exc, msg.request, session.address, None)
             return
@@ -496,8 +519,10 @@ class Server:
         return expired
 
     def sweep(self, now: float) -> int:
-        """Queue the removal of every timed-out session; returns how many."""
-        expired = self.expired(now)
+        """Queue the removal of every timed-out session (and retry the removals that
+        failed before); returns how many were queued."""
+        retries, self._failed_removals = self._failed_removals, []
+        expired = retries + self.expired(now)
         for session in expired:
             self._enqueue_removal(session)
         return len(expired)
@@ -508,19 +533,13 @@ class Server:
                 await self._remove(session, reason="timeout")
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
-                # Try again on a later sweep: put it back at the front with its old time.
-                session.closing = False
-                self.recency[session.token] = session
-                self.recency.move_to_end(session.token, last=False)
+                self._failed_removals.append(session)  # never lose a timeout: next sweep
 
         queue = self._queues[hash(session.client_id) % len(self._queues)]
         try:
             queue.put_nowait(remove)
         except asyncio.QueueFull:
-            # Never lose a timeout: back to the front of the order for the next sweep.
-            session.closing = False
-            self.recency[session.token] = session
-            self.recency.move_to_end(session.token, last=False)
+            self._failed_removals.append(session)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -562,16 +581,26 @@ class Server:
     async def _listen_inbox(self) -> None:
         """Receive notifications other daemons hand over for our clients."""
         channel = keys.inbox_channel(self.instance_id)
+        failed = False
         while True:
             pubsub = self.presence.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
+                if failed:
+                    # Hand-offs published while we were not subscribed are lost, and
+                    # only the sender knew of them. Count one notification for every
+                    # session: its next Pong shows a gap and the client asks for a
+                    # snapshot, which repairs whatever was missed.
+                    for session in self.by_token.values():
+                        session.seq += 1
+                    failed = False
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
                     self._on_inbox(message["data"])
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
+                failed = True
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
