@@ -19,6 +19,9 @@ from presence_daemon.config import Config
 RUN_TIMEOUT = 20.0
 """Upper bound for a command that is expected to exit by itself."""
 
+UNREACHABLE = ("--host", "127.0.0.1", "--port", "0", "--redis-url", "redis://127.0.0.1:1/0")
+"""Flags that make a daemon given a valid configuration exit at once (no Redis)."""
+
 EMBEDDED_RE = re.compile(r"started embedded redis-server at redis://127\.0\.0\.1:(\d+)/0")
 
 
@@ -63,6 +66,11 @@ def test_help_names_every_flag_and_its_variable() -> None:
         (["--bogus"], {}, ["--bogus"]),
         ([], {"PRESENCE_PORT": "x"}, ["PRESENCE_PORT", "'x'"]),
         ([], {"PRESENCE_TIMEOUT": "0.5"}, ["PRESENCE_TIMEOUT", "0.5"]),
+        # Durations must be finite and sane (the daemon would otherwise start; an
+        # unreachable Redis and port 0 keep such a run short and harmless).
+        (["--timeout", "inf", *UNREACHABLE], {}, ["--timeout", "inf"]),
+        (["--ping-interval", "nan", *UNREACHABLE], {}, ["--ping-interval", "nan"]),
+        (["--ping-interval", "0.001", *UNREACHABLE], {}, ["--ping-interval", "0.001"]),
     ],
     ids=[
         "port-abc",
@@ -74,13 +82,16 @@ def test_help_names_every_flag_and_its_variable() -> None:
         "unknown-flag",
         "env-port",
         "env-timeout",
+        "timeout-inf",
+        "ping-interval-nan",
+        "ping-interval-too-small",
     ],
 )
 def test_bad_value_exits_with_one_line_naming_it(
     args: list[str], env: dict[str, str], named: list[str]
 ) -> None:
     result = run(*args, env=env)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     for text in named:

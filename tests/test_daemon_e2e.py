@@ -9,7 +9,9 @@ duplicates the client would have absorbed silently.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -27,7 +29,13 @@ from presence_client.protocol import (
     SnapshotRequest,
     encode,
 )
-from presence_client.sdk import Event, FriendEvent, PresenceClient, PresenceClientError
+from presence_client.sdk import (
+    Event,
+    FriendEvent,
+    PresenceClient,
+    PresenceClientError,
+    StatusEvent,
+)
 from presence_daemon.presence import Presence
 
 REQUEST_TIMEOUT = 0.2
@@ -517,7 +525,7 @@ async def test_withheld_notifications_are_repaired_by_snapshot(
         alice.send(SnapshotRequest(request, alice.session))
         snapshot, _ = await alice.recv_until(Snapshot, request=request)
         assert (snapshot.part, snapshot.parts) == (0, 1)
-        assert snapshot.seq >= 1
+        assert snapshot.seq == 1  # nothing else happened since the pong
         assert [(s.name, s.online) for s in snapshot.friends] == [("bob", True)]
 
         # Now verified, alice hears about bob directly, numbered after the gap.
@@ -526,3 +534,141 @@ async def test_withheld_notifications_are_repaired_by_snapshot(
         assert notify.seq == 2
         assert (notify.friend.name, notify.friend.online) == ("bob", False)
         assert notify.friend.version > snapshot.friends[0].version
+
+
+# ---------------------------------------------------------------------------
+# Regressions found in review.
+
+
+async def test_concurrent_mutual_adds_are_seen_by_both_sdk_clients(
+    daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    # Both online, each adds the other at the same moment: the friendship becomes
+    # mutual, so both views must show the other online (no pong gap repairs a
+    # notification that was never numbered).
+    daemon = daemon_factory()
+    for i in range(30):
+        a, b = f"A{i}", f"B{i}"
+        alice = await clients.connect(a, [], daemon)
+        bob = await clients.connect(b, [], daemon)
+        await asyncio.gather(alice.client.add_friends([b]), bob.client.add_friends([a]))
+        await wait_for(
+            lambda: alice.friends == {b: True} and bob.friends == {a: True},  # noqa: B023
+            2.0,
+            what=f"round {i}: both sides see the other online",
+        )
+        await alice.client.disconnect()
+        await bob.client.disconnect()
+
+
+async def test_refused_reconnect_from_new_address_keeps_the_old_session_working(
+    daemon_factory: DaemonFactory, presence: Presence
+) -> None:
+    daemon = daemon_factory(
+        flags={"--max-friends": "2", "--ping-interval": "10", "--timeout": "30"}
+    )
+    async with (
+        await RawPeer.open(daemon.address) as alice,
+        await RawPeer.open(daemon.address) as other,
+        await RawPeer.open(daemon.address) as bob,
+    ):
+        await alice.connect("alice", "c1", ["bob"])
+        await alice.ping()
+        # The same client id and user from another address, with too many friends.
+        request = other.next_request()
+        other.send(Connect(request, "c1", "alice", ("x", "y", "z")), pad_to=MAX_DATAGRAM)
+        error, before = await other.recv_until(Error, request=request)
+        assert error.code is ErrorCode.TOO_MANY_FRIENDS
+        assert before == []
+        assert await presence.friends("alice") == {"bob"}
+
+        # The old session still hears about its mutual friend, numbered.
+        await bob.connect("bob", "b1", ["alice"])
+        await bob.ping()
+        pong, before = await alice.ping()  # the daemon sent any notify before bob's reply
+        notifies = [m for m in before if isinstance(m, Notify)]
+        assert [(n.seq, n.friend.name, n.friend.online) for n in notifies] == [(1, "bob", True)]
+        assert pong.seq == 1
+
+        # A clean shutdown removes the old session from Redis too.
+        assert await daemon.aterminate() == 0
+        assert await online(presence, "alice", "bob") == {"alice": False, "bob": False}
+
+
+async def test_repeated_connect_with_refused_friend_list_gets_one_reply(
+    daemon_factory: DaemonFactory, presence: Presence
+) -> None:
+    daemon = daemon_factory(flags={"--max-friends": "2"})
+    async with await RawPeer.open(daemon.address) as peer:
+        await peer.connect("carl", "k1", ["ann"])
+        await peer.ping()
+        assert peer.session is not None
+        # The same client id, user and address connect again; the friend list is refused.
+        request = peer.next_request()
+        peer.send(Connect(request, "k1", "carl", ("x", "y", "z")), pad_to=MAX_DATAGRAM)
+        # A snapshot request of this client is queued behind that connect: whatever the
+        # connect caused has been sent before the snapshot arrives.
+        snapshot_request = peer.next_request()
+        peer.send(SnapshotRequest(snapshot_request, peer.session))
+        snapshot, before = await peer.recv_until(Snapshot, request=snapshot_request)
+        assert [(type(m), getattr(m, "request", None)) for m in before] == [(Error, request)]
+        error = before[0]
+        assert isinstance(error, Error) and error.code is ErrorCode.TOO_MANY_FRIENDS
+        assert [s.name for s in snapshot.friends] == ["ann"]
+        assert await presence.friends("carl") == {"ann"}
+        await peer.disconnect()
+
+
+async def test_disconnect_during_reconnect_leaves_nothing_behind(
+    daemon_factory: DaemonFactory, presence: Presence
+) -> None:
+    # Regression: the reconnect the SDK starts when the daemon says UNKNOWN_SESSION was
+    # not stopped by disconnect(); it connected afterwards, leaving a session, a socket
+    # and the user online behind.
+    daemon = daemon_factory()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a server that never answers
+    silent.bind(("127.0.0.1", 0))
+    host, port = silent.getsockname()
+    current = asyncio.current_task()
+    tasks_before = asyncio.all_tasks()
+    client = PresenceClient(
+        "alice",
+        [],
+        servers=[daemon.address, (host, port)],
+        client_id="c1",
+        request_timeout=REQUEST_TIMEOUT,
+    )
+    statuses: list[str] = []
+    client.add_listener(lambda e: statuses.append(e.status) if isinstance(e, StatusEvent) else None)
+
+    def leftover() -> set[asyncio.Task[Any]]:
+        return {t for t in asyncio.all_tasks() - tasks_before if t is not current}
+
+    try:
+        await client.connect()
+        # Another address takes over the client id (a restarted client) and leaves.
+        async with await RawPeer.open(daemon.address) as kicker:
+            await kicker.connect("alice", "c1")
+            await kicker.disconnect()
+        # Hold every Redis write (the daemon's scripts) so that whichever server the
+        # reconnect tries, it cannot finish while we call disconnect().
+        await presence.redis.client_pause(5000, all=False)
+        try:
+            # The SDK's next ping is answered UNKNOWN_SESSION: it starts reconnecting.
+            await wait_for(lambda: client.session is None, what="the SDK starts reconnecting")
+            assert statuses == ["connected", "reconnecting"]
+            await asyncio.wait_for(client.disconnect(), 5.0)
+        finally:
+            await presence.redis.client_unpause()
+        await wait_for(lambda: not leftover(), 4.0, what="no task of the client still runs")
+        assert client.session is None, "the client connected again after disconnect()"
+        assert client._transport is None, "a socket is open after disconnect()"
+        assert statuses == ["connected", "reconnecting", "disconnected"]
+        # A connect the daemon received before disconnect() may complete; nothing pings
+        # that session, so it times out and the user ends offline.
+        await wait_for(lambda: offline(presence, "alice"), TIMEOUT_WAIT, what="alice ends offline")
+    finally:
+        for task in leftover():
+            task.cancel()
+        client._close_transport()
+        silent.close()

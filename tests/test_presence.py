@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from helpers import wait_for
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError
 from presence_daemon import keys
-from presence_daemon.presence import Delivery, Presence, PresenceError, Transition
+from presence_daemon.presence import Connection, Delivery, Presence, PresenceError, Transition
 
 ROUNDS = 50
 INSTANCES = 4
@@ -213,6 +213,32 @@ async def test_client_id_in_use_by_another_user(presence: Presence, r: Redis) ->
     assert b.went_online
     assert await presence.query(["alice", "bob"]) == {"alice": False, "bob": True}
     assert await r.get(keys.client_key("shared")) == f"bob|{b.token}"
+
+
+async def test_concurrent_connects_of_one_client_id_for_two_users(
+    instances: list[Presence], r: Redis
+) -> None:
+    # Regression: both claims could read the binding before either wrote it, and the
+    # client id ended up connected for alice *and* bob.
+    for i in range(100):
+        p, q = instances[i % INSTANCES], instances[(i + 1) % INSTANCES]
+        results = await asyncio.gather(
+            p.connected("c", "alice"), q.connected("c", "bob"), return_exceptions=True
+        )
+        held = {user: await r.hexists(keys.clients_key(user), "c") for user in ("alice", "bob")}
+        assert sum(held.values()) == 1, (i, held, results)
+        winner = "alice" if held["alice"] else "bob"
+        won, lost = results if winner == "alice" else results[::-1]
+        assert isinstance(won, Connection), (i, results)
+        assert isinstance(lost, PresenceError), (i, results)
+        assert lost.code is ErrorCode.CLIENT_ID_IN_USE
+        assert await r.get(keys.client_key("c")) == f"{winner}|{won.token}", i
+        assert await p.query(["alice", "bob"]) == {
+            "alice": winner == "alice",
+            "bob": winner == "bob",
+        }
+        assert await q.disconnected("c", user=winner, token=won.token) is True
+        assert await r.exists(keys.client_key("c")) == 0
 
 
 async def test_stale_binding_is_taken_over(presence: Presence, r: Redis) -> None:
@@ -621,6 +647,26 @@ async def test_friendship_becoming_and_ending_mutual_while_online(
     assert told(sink.take()) == {("a1", "B", True), ("b1", "A", True)}
     await p.set_friends("A", [])
     assert told(sink.take()) == {("a1", "B", False), ("b1", "A", False)}
+
+
+async def test_concurrent_mutual_adds_while_both_online_tell_both(
+    pair: tuple[Presence, Presence], sink: Deliveries
+) -> None:
+    # Regression: A adds B while B adds A. Each call read "is the other my fan?" before
+    # the other's reverse index was written, so nobody was told although the friendship
+    # became mutual with both online.
+    p, q = pair
+    for i in range(30):
+        a, b = f"A{i}", f"B{i}"
+        await p.connected(f"a{i}", a)
+        await q.connected(f"b{i}", b)
+        assert sink.take() == []
+        await asyncio.gather(p.add_friends(a, [b]), q.add_friends(b, [a]))
+        got = sink.take()
+        assert told(got) == {(f"a{i}", b, True), (f"b{i}", a, True)}, (i, got)
+        view_a, view_b = await p.friend_view(a), await q.friend_view(b)
+        assert [(s.name, s.online) for s in view_a] == [(b, True)]
+        assert [(s.name, s.online) for s in view_b] == [(a, True)]
 
 
 def got_version(records: Iterable[Delivery], name: str) -> int:

@@ -322,3 +322,75 @@ async def test_tiny_unpadded_connect_is_dropped_unanswered(
     assert await redis_client.exists(keys.clients_key("tiny")) == 0
     peer.session = reply.session
     await peer.disconnect()
+
+
+# ---------------------------------------------------------------------------
+# Regressions found in review.
+
+
+async def test_session_token_from_another_address_changes_nothing(
+    daemon: DaemonProcess, peer: RawPeer, redis_url: str
+) -> None:
+    # Regression: a token sent from any (spoofable) source re-targeted the session and
+    # marked that address verified, so a 31-byte SNAPSHOT_REQUEST sent the whole friend
+    # list (and every later notification) to a third party.
+    friends = [f"amp-friend-{i:02d}-".ljust(60, "x") for i in range(15)]
+    library = Presence.from_url(redis_url)
+    await library.start()
+    try:
+        await library.set_friends("pal", ["amp"])
+        reply = await peer.connect("amp", "amp-1", ["pal", *friends])
+        assert reply.complete
+        await peer.ping()
+        assert peer.session is not None
+        owner = peer.session
+        async with await RawPeer.open(daemon.address) as other:
+            for message in (Ping(owner), SnapshotRequest(other.next_request(), owner)):
+                sent = other.send(message)
+                answers = await other.barrier()
+                # At most an UNKNOWN_SESSION error, no larger than what was sent.
+                assert len(answers) <= 1, answers
+                for answer in answers:
+                    assert len(answer) <= sent, (message, decode(answer))
+                    error = decode(answer)
+                    assert isinstance(error, Error), (message, error)
+                    assert error.code is ErrorCode.UNKNOWN_SESSION
+                    assert error.request == getattr(message, "request", 0)
+                # The session still answers at its own address, and only there.
+                pong, before = await peer.ping()
+                assert (pong.seq, before) == (0, [])
+
+            # Notifications still go to the session's address, not to the other one.
+            async with await RawPeer.open(daemon.address) as pal:
+                await pal.connect("pal", "pal-1", ["amp"])
+                notify, _ = await peer.recv_until(Notify)
+                assert (notify.seq, notify.friend.name, notify.friend.online) == (1, "pal", True)
+                await pal.disconnect()
+            notify, _ = await peer.recv_until(Notify)
+            assert (notify.seq, notify.friend.name, notify.friend.online) == (2, "pal", False)
+            assert await other.barrier() == []
+        address = "{}:{}".format(*peer.local_address)
+        assert await library.clients("amp") == {"amp-1": ("hostile", address)}
+        await peer.disconnect()
+    finally:
+        await library.close()
+
+
+async def test_long_first_friend_name_still_gets_a_connect_ok(
+    peer: RawPeer, redis_client: redis.asyncio.Redis
+) -> None:
+    # Regression: no friend state fits in a reply no larger than this unpadded connect,
+    # and the whole CONNECT_OK was withheld although the user was online.
+    connect = encode(Connect(9, "cut-1", "cutter", ("界" * MAX_NAME_CHARS,)))
+    assert MIN_CONNECT_SIZE <= len(connect) < MAX_DATAGRAM
+    peer.send(connect)
+    reply, before = await peer.recv_until(ConnectOk, request=9)
+    assert before == []
+    assert len(encode(reply)) <= len(connect)
+    assert not reply.complete
+    assert reply.friends == ()
+    assert await redis_client.exists(keys.clients_key("cutter")) == 1
+    peer.session = reply.session
+    await peer.ping()
+    await peer.disconnect()
+    assert await redis_client.exists(keys.clients_key("cutter")) == 0
