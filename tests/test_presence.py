@@ -9,6 +9,7 @@ which the instances happen to report them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -212,7 +213,7 @@ async def test_client_id_in_use_by_another_user(presence: Presence, r: Redis) ->
     b = await presence.connected("shared", "bob")
     assert b.went_online
     assert await presence.query(["alice", "bob"]) == {"alice": False, "bob": True}
-    assert await r.get(keys.client_key("shared")) == f"bob|{b.token}"
+    assert await binding_of(r, "shared") == f"bob|{b.token}"
 
 
 async def test_concurrent_connects_of_one_client_id_for_two_users(
@@ -232,7 +233,7 @@ async def test_concurrent_connects_of_one_client_id_for_two_users(
         assert isinstance(won, Connection), (i, results)
         assert isinstance(lost, PresenceError), (i, results)
         assert lost.code is ErrorCode.CLIENT_ID_IN_USE
-        assert await r.get(keys.client_key("c")) == f"{winner}|{won.token}", i
+        assert await binding_of(r, "c") == f"{winner}|{won.token}", i
         assert await p.query(["alice", "bob"]) == {
             "alice": winner == "alice",
             "bob": winner == "bob",
@@ -241,12 +242,30 @@ async def test_concurrent_connects_of_one_client_id_for_two_users(
         assert await r.exists(keys.client_key("c")) == 0
 
 
+async def binding_of(r: Redis, client_id: str) -> str | None:
+    """The client id's binding as "user|token", without its claim time."""
+    value = await r.get(keys.client_key(client_id))
+    return None if value is None else str(value).rsplit("|", 1)[0]
+
+
 async def test_stale_binding_is_taken_over(presence: Presence, r: Redis) -> None:
-    # A binding whose session is gone (say its daemon died before releasing it).
-    await r.set(keys.client_key("dev"), "alice|" + "ab" * 16)
+    # A binding whose session is gone (say its daemon died before releasing it), made
+    # long ago.
+    await r.set(keys.client_key("dev"), "alice|" + "ab" * 16 + "|1000")
     b = await presence.connected("dev", "bob")
     assert b.went_online
-    assert await r.get(keys.client_key("dev")) == f"bob|{b.token}"
+    assert await binding_of(r, "dev") == f"bob|{b.token}"
+
+
+async def test_young_binding_without_entry_is_not_taken_over(presence: Presence, r: Redis) -> None:
+    # A binding made just now with no entry yet looks like a connect in flight.
+    now_ms = round(time.time() * 1000)
+    await r.set(keys.client_key("dev"), f"alice|{'ab' * 16}|{now_ms}")
+    with pytest.raises(PresenceError) as info:
+        await presence.connected("dev", "bob")
+    assert info.value.code is ErrorCode.CLIENT_ID_IN_USE
+    assert await binding_of(r, "dev") == f"alice|{'ab' * 16}"
+    assert await r.exists(keys.clients_key("bob")) == 0
 
 
 # ---------------------------------------------------------------------------
@@ -330,8 +349,8 @@ async def test_disconnect_by_client_id_after_racing_connects(presence: Presence,
     # calls really produce (seen a few times in 300 rounds with asyncio.gather): both
     # claims, then the connect scripts in the opposite order.
     scripts, key = presence.scripts, keys.client_key("c")
-    assert await scripts.call(r, "claim", [key], ["alice", "aa" * 16, ""]) == ""
-    assert await scripts.call(r, "claim", [key], ["alice", "bb" * 16, ""]) == ""
+    assert await scripts.call(r, "claim", [key], ["alice", "aa" * 16, 1, "", 0]) == ""
+    assert await scripts.call(r, "claim", [key], ["alice", "bb" * 16, 2, "", 0]) == ""
     user_keys = keys.user_keys("alice")
     await scripts.call(r, "connect", user_keys, ["c", f"{'bb' * 16}|p1|"])
     await scripts.call(r, "connect", user_keys, ["c", f"{'aa' * 16}|p0|"])
@@ -434,7 +453,7 @@ async def test_reconnect_right_after_disconnect(instances: list[Presence], r: Re
         assert await instances[2].query(["alice"]) == {"alice": True}
         entry = (await entries_of(r, "alice")).get("c")
         assert entry is not None and entry.startswith(new.token + "|")
-        assert await r.get(keys.client_key("c")) == f"alice|{new.token}"
+        assert await binding_of(r, "c") == f"alice|{new.token}"
         everything += rec.take()
         old = new
     assert_alternating(everything)
@@ -490,7 +509,7 @@ async def test_mixed_concurrent_operations_stay_consistent(
             assert last.get(user, False) == bool(entries)
             # The client-id binding and the clients hash agree on every session.
             for c in ids:
-                binding = await r.get(keys.client_key(c))
+                binding = await binding_of(r, c)
                 if c in entries:
                     assert binding == f"{user}|{entries[c].split('|')[0]}", c
                 else:
@@ -513,7 +532,7 @@ async def test_stale_disconnect_after_reconnect_removes_nothing(
     assert await instances[0].disconnected("dev", user="alice", token=old.token) is False
     assert await instances[0].query(["alice"]) == {"alice": True}
     assert await instances[0].clients("alice") == {"dev": ("p1", "")}
-    assert await r.get(keys.client_key("dev")) == f"alice|{new.token}"
+    assert await binding_of(r, "dev") == f"alice|{new.token}"
     assert rec.take() == [Transition("alice", True, 1)]
     assert await instances[1].disconnected("dev", user="alice", token=new.token) is True
     assert rec.take() == [Transition("alice", False, 2)]

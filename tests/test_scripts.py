@@ -319,37 +319,42 @@ async def test_peek(run: ScriptRunner, r: Redis) -> None:
 
 async def test_claim_and_release(run: ScriptRunner, r: Redis) -> None:
     key = keys.client_key("c1")
-    assert await run("claim", [key], "A", "tok1", "") == ""
-    assert await r.get(key) == "A|tok1"
+    young, old = 10_000, 10_000  # ms: a binding claimed at 10 s, seen at 10 s or later
+    assert await run("claim", [key], "A", "tok1", 10_000, "", old) == ""
+    assert await r.get(key) == "A|tok1|10000"
     # Another user is refused and told who holds it; nothing changes.
-    assert await run("claim", [key], "B", "tok2", "") == "A|tok1"
-    assert await run("claim", [key], "B", "tok2", "A|other") == "A|tok1"
-    assert await r.get(key) == "A|tok1"
+    assert await run("claim", [key], "B", "tok2", 10_000, "", old) == "A|tok1|10000"
+    assert await run("claim", [key], "B", "tok2", 99_000, "A|other|1", old) == "A|tok1|10000"
+    assert await r.get(key) == "A|tok1|10000"
     # A user whose name is a prefix of the holder's is another user.
-    await r.set(key, "AB|tok")
-    assert await run("claim", [key], "A", "tok3", "") == "AB|tok"
-    assert await r.get(key) == "AB|tok"
-    await r.set(key, "A|tok1")
-    # The same user re-claims with a new token.
-    assert await run("claim", [key], "A", "tok3", "") == ""
-    assert await r.get(key) == "A|tok3"
-    # Stealing needs the exact stale value.
-    assert await run("claim", [key], "B", "tok4", "A|tok1") == "A|tok3"
-    assert await r.get(key) == "A|tok3"
-    assert await run("claim", [key], "B", "tok4", "A|tok3") == ""
-    assert await r.get(key) == "B|tok4"
+    await r.set(key, "AB|tok|1")
+    assert await run("claim", [key], "A", "tok3", 10_000, "", old) == "AB|tok|1"
+    assert await r.get(key) == "AB|tok|1"
+    await r.set(key, "A|tok1|10000")
+    # The same user re-claims with a new token, whatever the age.
+    assert await run("claim", [key], "A", "tok3", 12_000, "", old) == ""
+    assert await r.get(key) == "A|tok3|12000"
+    # Taking over needs the exact stale value ...
+    assert await run("claim", [key], "B", "tok4", 99_000, "A|tok1|10000", old) == "A|tok3|12000"
+    # ... and a binding old enough not to be a connect in flight.
+    assert await run("claim", [key], "B", "tok4", 12_000 + young - 1, "A|tok3|12000", young) == (
+        "A|tok3|12000"
+    )
+    assert await r.get(key) == "A|tok3|12000"
+    assert await run("claim", [key], "B", "tok4", 12_000 + young, "A|tok3|12000", young) == ""
+    assert await r.get(key) == "B|tok4|22000"
 
-    # Release only with the matching value.
+    # Release only with the matching user and token.
     assert await run("release", [key], "A|tok3") == 0
     assert await run("release", [key], "B|tok") == 0
     assert await run("release", [key], "B") == 0
-    assert await r.get(key) == "B|tok4"
+    assert await r.get(key) == "B|tok4|22000"
     assert await run("release", [key], "B|tok4") == 1
     assert await r.exists(key) == 0
     assert await run("release", [key], "B|tok4") == 0
     # A free client id can be claimed by anyone.
-    assert await run("claim", [key], "C", "tok5", "") == ""
-    assert await r.get(key) == "C|tok5"
+    assert await run("claim", [key], "C", "tok5", 1, "", old) == ""
+    assert await r.get(key) == "C|tok5|1"
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def fans_key(user: str) -> str:
 
 
 def client_key(client_id: str) -> str:
-    """String binding a client id to its user and current session: "user|token"."""
+    """String binding a client id to its user and current session: "user|token|claimed_ms"."""
     return f"{PREFIX}:client:{{{client_id}}}"
 
 

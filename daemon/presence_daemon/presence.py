@@ -11,9 +11,14 @@ offline->online and online->offline transition is decided exactly once, by which
 call made the client count go 1->0 or 0->1, however many processes call concurrently.
 
 A client id belongs to one user at a time: ``presence:client:{id}`` binds it to
-"user|token". Each connect gets a fresh session token; removals are guarded by it, so a
-late or stale disconnect (or the sweep of a daemon that lost the client to another one)
-never removes a newer session.
+"user|token|claimed_ms". A binding whose user has no entry for the client id may pass
+to another user only once it is ``stale_binding_after`` seconds old (younger, it is most
+likely a connect in flight), and every connect reads the binding back after writing its
+entry, so two users racing for one client id never both get it.
+
+Each connect gets a fresh session token; removals are guarded by it, so a late or stale
+disconnect (or the sweep of a daemon that lost the client to another one) never removes
+a newer session.
 
 Mutuality (A declares B and B declares A) can be read from one user's keys alone:
 mutual(A) = friends(A) & fans(A). How user B looks to viewer A (online and mutual) is
@@ -34,6 +39,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -48,6 +54,8 @@ from presence_daemon.scripts import Call, Scripts
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRIENDS: Final = 1000
+STALE_BINDING_AFTER: Final = 10.0
+"""Seconds before a client id's binding with no connected entry may go to another user."""
 FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.5, 2.0)
 """Seconds before each background retry of a fan-out that hit a Redis error."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
@@ -127,6 +135,7 @@ class Presence:
     ``redis`` is a ``redis.asyncio.Redis`` client. ``instance_id`` names this process as
     the owner of the clients it connects. ``deliver``, if given, receives every
     notification that a change decided here causes; without it no fan-out is read.
+    ``clock`` (wall-clock seconds) dates client-id bindings; see ``stale_binding_after``.
     Call :meth:`start` once before use (it loads the Lua scripts).
     """
 
@@ -137,11 +146,15 @@ class Presence:
         instance_id: str | None = None,
         max_friends: int = DEFAULT_MAX_FRIENDS,
         deliver: Deliver | None = None,
+        stale_binding_after: float = STALE_BINDING_AFTER,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.instance_id = instance_id or f"lib-{secrets.token_hex(4)}"
         self.max_friends = max_friends
         self.deliver = deliver
+        self.stale_binding_after = stale_binding_after
+        self.clock = clock
         self.scripts = Scripts()
         self.fan_out_failures = 0
         """Fan-outs given up after every retry (their clients repair by snapshot later)."""
@@ -244,16 +257,22 @@ class Presence:
 
     async def _claim(self, client_id: str, user: str, token: str) -> None:
         key = keys.client_key(client_id)
-        holder = _text(await self.scripts.call(self.redis, "claim", [key], [user, token, ""]))
+        now_ms = round(self.clock() * 1000)
+        min_age_ms = round(self.stale_binding_after * 1000)
+        args: list[str | int] = [user, token, now_ms, "", min_age_ms]
+        holder = _text(await self.scripts.call(self.redis, "claim", [key], args))
         if not holder:
             return
         other_user = holder.split("|", 1)[0]
         # The binding may be stale (its session is gone): check the holder's own keys.
+        # claim.lua takes it over only if it is also old enough not to be a connect
+        # still in flight.
         if await self.redis.hexists(keys.clients_key(other_user), client_id):
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
             )
-        holder = _text(await self.scripts.call(self.redis, "claim", [key], [user, token, holder]))
+        args[3] = holder
+        holder = _text(await self.scripts.call(self.redis, "claim", [key], args))
         if holder:
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"

@@ -1,10 +1,11 @@
 -- release: unbind a client id, but only from the session that is ending.
 --
--- KEYS[1]  presence:client:{client id}   string "user|token"
+-- KEYS[1]  presence:client:{client id}   string "user|token|claimed_ms"
 -- ARGV[1]  "user|token" of the session that ended
 --
 -- Returns 1 if the binding was removed, 0 if it belongs to another (newer) session.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local current = redis.call('GET', KEYS[1])
+if current and string.match(current, '^(.*)|%d+$') == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
