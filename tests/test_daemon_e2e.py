@@ -36,6 +36,7 @@ from presence_client.sdk import (
     PresenceClientError,
     StatusEvent,
 )
+from presence_daemon import keys
 from presence_daemon.presence import Presence
 
 REQUEST_TIMEOUT = 0.2
@@ -81,11 +82,12 @@ class Clients:
         *,
         client_id: str | None = None,
         auto_reconnect: bool = True,
+        failover: Iterable[DaemonProcess] = (),
     ) -> Watched:
         client = PresenceClient(
             user,
             friends,
-            servers=[daemon.address],
+            servers=[daemon.address, *(d.address for d in failover)],
             client_id=client_id or f"{user}-{len(self.all)}",
             request_timeout=REQUEST_TIMEOUT,
             auto_reconnect=auto_reconnect,
@@ -101,9 +103,15 @@ class Clients:
         *,
         client_id: str | None = None,
         auto_reconnect: bool = True,
+        failover: Iterable[DaemonProcess] = (),
     ) -> Watched:
         watched = self.create(
-            user, friends, daemon, client_id=client_id, auto_reconnect=auto_reconnect
+            user,
+            friends,
+            daemon,
+            client_id=client_id,
+            auto_reconnect=auto_reconnect,
+            failover=failover,
         )
         await watched.client.connect()
         return watched
@@ -435,6 +443,78 @@ async def test_sigterm_disconnects_held_clients_and_tells_friends_elsewhere(
         TIMEOUT_WAIT,
         what="alice's and bob's clients notice their daemon is gone",
     )
+
+
+async def test_killed_daemon_users_go_offline_once_its_lease_expires(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    lease = {"--lease-ttl": "0.5"}
+    doomed, survivor = (
+        daemon_factory("doomed", flags=lease),
+        daemon_factory("survivor", flags=lease),
+    )
+    await clients.connect("alice", ["carol"], doomed, auto_reconnect=False)
+    carol = await clients.connect("carol", ["alice"], survivor)
+    assert carol.friends == {"alice": True}
+
+    doomed.kill()  # SIGKILL: no goodbye, nothing removed from Redis
+    await wait_for(
+        lambda: carol.friends == {"alice": False},
+        TIMEOUT_WAIT,
+        what="carol sees alice offline after the dead daemon's lease expired",
+    )
+    assert carol.seen("alice") == [True, False]
+    assert await online(presence, "alice", "carol") == {"alice": False, "carol": True}
+
+
+async def test_client_failing_over_before_the_reap_causes_no_flap(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    lease = {"--lease-ttl": "2.0"}
+    doomed, survivor = (
+        daemon_factory("doomed", flags=lease),
+        daemon_factory("survivor", flags=lease),
+    )
+    alice = await clients.connect("alice", ["carol"], doomed, failover=[survivor])
+    carol = await clients.connect("carol", ["alice"], survivor)
+    assert carol.friends == {"alice": True}
+
+    doomed.kill()
+    # alice's client notices the silence and moves to the survivor, same client id,
+    # before the doomed daemon's lease (2 s) runs out.
+    await wait_for(
+        lambda: alice.client.connected and alice.client.server == survivor.address,
+        TIMEOUT_WAIT,
+        what="alice fails over to the survivor",
+    )
+
+    # Wait until the survivor has dealt with the dead owner (it is unregistered).
+    async def reaped() -> bool:
+        return not await presence.redis.sismember(keys.OWNERS_KEY, "doomed")
+
+    await wait_for(reaped, 6.0, what="the survivor reaps the dead daemon")
+    assert await online(presence, "alice") == {"alice": True}
+    assert carol.seen("alice") == [True]  # never a flap
+
+
+async def test_restarted_daemon_with_the_same_id_clears_what_it_left_at_once(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    first = daemon_factory("d1")  # default lease: 5 s
+    other = daemon_factory("d2")
+    await clients.connect("alice", ["carol"], first, auto_reconnect=False)
+    carol = await clients.connect("carol", ["alice"], other)
+    assert carol.friends == {"alice": True}
+
+    first.kill()
+    daemon_factory("d1")  # same instance id: its predecessor's clients are stale
+    # Faster than the 5 s lease: the new process clears them when it starts.
+    await wait_for(
+        lambda: carol.friends == {"alice": False},
+        TIMEOUT_WAIT,
+        what="carol sees alice offline as soon as d1 restarts",
+    )
+    assert carol.seen("alice") == [True, False]
 
 
 # ---------------------------------------------------------------------------

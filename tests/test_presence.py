@@ -824,3 +824,97 @@ async def r(redis_url: str) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Leases: the clients of an owner that died are disconnected by a survivor.
+
+
+async def test_clients_of_a_dead_owner_are_reaped_once(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    told: list[Delivery] = []
+
+    async def record(deliveries: list[Delivery]) -> None:
+        told.extend(deliveries)
+
+    survivor = await make_presence(instance_id="survivor", deliver=record)
+    doomed = await make_presence(instance_id="doomed", lease_ttl=0.3)
+    rec = Recorder([survivor, doomed])
+    await survivor.connected("b1", "bob", friends=["alice"])
+    await doomed.connected("a1", "alice", friends=["bob"])
+    await doomed.connected("a2", "alice")
+    assert await r.smembers(keys.owned_key("doomed")) == {
+        f"alice|a1|{(await entries_of(r, 'alice'))['a1'].split('|')[0]}",
+        f"alice|a2|{(await entries_of(r, 'alice'))['a2'].split('|')[0]}",
+    }
+    assert await survivor.reap_dead() == 0  # the lease is held: nothing happens
+    rec.take()
+    told.clear()
+
+    # The doomed owner stops renewing its lease without a word, as a killed process.
+    assert doomed._lease_task is not None
+    doomed._lease_task.cancel()
+
+    async def lease_gone() -> bool:
+        return not await r.exists(keys.lease_key("doomed"))
+
+    await wait_for(lease_gone, what="the doomed owner's lease expires")
+    assert await survivor.reap_dead() == 2
+    assert await survivor.query(["alice", "bob"]) == {"alice": False, "bob": True}
+    assert [(t.user, t.online) for t in rec.take()] == [("alice", False)]
+    assert [(d.client_id, d.friend.name, d.friend.online) for d in told] == [("b1", "alice", False)]
+    # Nothing of the dead owner is left, and a second reap finds nothing.
+    assert await r.exists(keys.owned_key("doomed")) == 0
+    assert "doomed" not in await r.smembers(keys.OWNERS_KEY)
+    assert await survivor.reap_dead() == 0
+
+
+async def test_a_client_that_moved_before_the_reap_is_left_alone(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    survivor = await make_presence(instance_id="survivor")
+    doomed = await make_presence(instance_id="doomed", lease_ttl=0.3)
+    rec = Recorder([survivor, doomed])
+    await doomed.connected("a1", "alice")
+    assert doomed._lease_task is not None
+    doomed._lease_task.cancel()
+    # The client fails over to the survivor, same client id, new session.
+    moved = await survivor.connected("a1", "alice")
+    assert not moved.went_online
+    # The replaced entry left the dead owner's set; the new one is in the survivor's.
+    assert await r.scard(keys.owned_key("doomed")) == 0
+    assert await r.smembers(keys.owned_key("survivor")) == {f"alice|a1|{moved.token}"}
+
+    async def lease_gone() -> bool:
+        return not await r.exists(keys.lease_key("doomed"))
+
+    await wait_for(lease_gone, what="the doomed owner's lease expires")
+    assert await survivor.reap_dead() == 0
+    assert await survivor.query(["alice"]) == {"alice": True}
+    assert [(t.user, t.online) for t in rec.take()] == [("alice", True)]  # no flap
+
+
+async def test_a_restarted_owner_clears_what_its_predecessor_left(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    first = await make_presence(instance_id="d1")
+    await first.connected("a1", "alice")
+    assert first._lease_task is not None
+    first._lease_task.cancel()  # dies; its lease is still valid for a while
+    second = await make_presence(instance_id="d1")  # same id: start() clears the leftovers
+    assert second.reaped == 1
+    assert await second.query(["alice"]) == {"alice": False}
+    assert await r.scard(keys.owned_key("d1")) == 0
+
+
+async def test_a_clean_close_gives_up_the_lease_and_registration(
+    make_presence: MakePresence, redis_url: str, r: Redis
+) -> None:
+    p = Presence.from_url(redis_url, instance_id="tidy")
+    await p.start()
+    assert await r.exists(keys.lease_key("tidy")) == 1
+    assert "tidy" in await r.smembers(keys.OWNERS_KEY)
+    await p.close()
+    assert await r.exists(keys.lease_key("tidy")) == 0
+    assert "tidy" not in await r.smembers(keys.OWNERS_KEY)

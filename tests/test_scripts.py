@@ -112,8 +112,8 @@ async def test_connect_first_client_goes_online_with_mutual_friends(
     _, _, friends, fans = ukeys("A")
     await r.sadd(friends, "B", "C", "E")
     await r.sadd(fans, "B", "D", "E")
-    went_online, v, mutual = await run("connect", ukeys("A"), "c1", "t1|own1|1.2.3.4:5")
-    assert (went_online, v) == (1, 1)
+    went_online, v, mutual, previous = await run("connect", ukeys("A"), "c1", "t1|own1|1.2.3.4:5")
+    assert (went_online, v, previous) == (1, 1, "")
     assert sorted(mutual) == ["B", "E"]
     assert await version(r, "A") == 1
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "t1|own1|1.2.3.4:5"}
@@ -122,15 +122,16 @@ async def test_connect_first_client_goes_online_with_mutual_friends(
 async def test_connect_second_client_is_no_transition(run: ScriptRunner, r: Redis) -> None:
     await r.sadd(ukeys("A")[2], "B")
     await r.sadd(ukeys("A")[3], "B")
-    assert await run("connect", ukeys("A"), "c1", "t1|own1|") == [1, 1, ["B"]]
-    assert await run("connect", ukeys("A"), "c2", "t2|own2|") == [0, 1, []]
+    assert await run("connect", ukeys("A"), "c1", "t1|own1|") == [1, 1, ["B"], ""]
+    assert await run("connect", ukeys("A"), "c2", "t2|own2|") == [0, 1, [], ""]
     assert await version(r, "A") == 1
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "t1|own1|", "c2": "t2|own2|"}
 
 
 async def test_connect_same_client_again_replaces_the_entry(run: ScriptRunner, r: Redis) -> None:
-    assert await run("connect", ukeys("A"), "c1", "t1|own1|x") == [1, 1, []]
-    assert await run("connect", ukeys("A"), "c1", "t2|own2|y") == [0, 1, []]
+    assert await run("connect", ukeys("A"), "c1", "t1|own1|x") == [1, 1, [], ""]
+    # The replaced entry is returned, so its owner's set can be kept exact.
+    assert await run("connect", ukeys("A"), "c1", "t2|own2|y") == [0, 1, [], "t1|own1|x"]
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "t2|own2|y"}
     assert await version(r, "A") == 1
 
@@ -358,6 +359,34 @@ async def test_claim_and_release(run: ScriptRunner, r: Redis) -> None:
 
 
 # ---------------------------------------------------------------------------
+# reap.lua
+
+
+async def test_reap_takes_nothing_while_the_lease_is_held(run: ScriptRunner, r: Redis) -> None:
+    lease, owned = keys.lease_key("d1"), keys.owned_key("d1")
+    await r.set(lease, "alive")
+    await r.sadd(owned, "alice|c1|t1", "bob|c2|t2")
+    assert await run("reap", [lease, owned], 10, "0") == [0]
+    assert await r.scard(owned) == 2
+    # Unless the owner itself clears what an earlier process of its id left.
+    taken = await run("reap", [lease, owned], 10, "1")
+    assert taken[0] == 1 and sorted(taken[1:]) == ["alice|c1|t1", "bob|c2|t2"]
+    assert await r.exists(owned) == 0
+
+
+async def test_reap_hands_out_batches_until_empty(run: ScriptRunner, r: Redis) -> None:
+    lease, owned = keys.lease_key("d1"), keys.owned_key("d1")
+    members = {f"u{i}|c{i}|t{i}" for i in range(5)}
+    await r.sadd(owned, *members)
+    first = await run("reap", [lease, owned], 3, "0")
+    second = await run("reap", [lease, owned], 3, "0")
+    assert first[0] == second[0] == 1
+    assert len(first) - 1 == 3 and len(second) - 1 == 2
+    assert set(first[1:]) | set(second[1:]) == members  # each member handed out once
+    assert await run("reap", [lease, owned], 3, "0") == [2]
+
+
+# ---------------------------------------------------------------------------
 # Scripts: loading and NOSCRIPT recovery.
 
 
@@ -373,7 +402,7 @@ async def test_call_recovers_after_script_flush(run: ScriptRunner, r: Redis) -> 
     assert (await run("connect", ukeys("A"), "c1", "t|o|"))[0] == 1
     await r.script_flush()
     assert await r.script_exists(run.scripts.sha["connect"]) == [False]
-    assert await run("connect", ukeys("A"), "c2", "t2|o|") == [0, 1, []]
+    assert await run("connect", ukeys("A"), "c2", "t2|o|") == [0, 1, [], ""]
     # Reloaded all of them, and the call ran exactly once.
     assert await r.script_exists(*run.scripts.sha.values()) == [True] * len(SCRIPT_NAMES)
     assert await r.hlen(keys.clients_key("A")) == 2

@@ -81,13 +81,15 @@ async def serve(
         embedded.start()
         redis_url = embedded.url
         log.info("started embedded redis-server at %s", redis_url)
-    redis = Redis.from_url(redis_url, decode_responses=True)
+    presence = Presence(
+        Redis.from_url(redis_url, decode_responses=True),
+        instance_id=config.resolved_instance_id,
+        max_friends=config.max_friends,
+        lease_ttl=config.lease_ttl,
+    )
+    server = Server(config, presence)  # before start(): reaping at start notifies friends
     try:
-        presence = Presence(
-            redis, instance_id=config.resolved_instance_id, max_friends=config.max_friends
-        )
         await presence.start()
-        server = Server(config, presence)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
             lambda: DatagramHandler(server), local_addr=(config.host, config.port)
@@ -107,7 +109,7 @@ async def serve(
         log.info("stopped; counters: %s", dict(sorted(server.counters.items())))
         return server
     finally:
-        await redis.aclose()
+        await presence.close()
         if embedded is not None:
             embedded.stop()
 

@@ -47,6 +47,9 @@ class Config:
     """Seconds without a datagram after which a client is dropped."""
     sweep_interval: float = 0.5
     """Seconds between timeout sweeps."""
+    lease_ttl: float = 5.0
+    """Seconds this daemon's lease lives unless renewed; after that, a surviving daemon
+    disconnects the clients it held (it is presumed dead)."""
     instance_id: str = ""
     """This daemon's name in Redis (owner of its clients); empty picks host-pid."""
     log_level: str = "info"
@@ -70,7 +73,7 @@ class Config:
             self.redis_url,
             "a redis://, rediss:// or unix:// URL",
         )
-        for name in ("ping_interval", "timeout", "sweep_interval"):
+        for name in ("ping_interval", "timeout", "sweep_interval", "lease_ttl"):
             value = getattr(self, name)
             _check(
                 math.isfinite(value) and MIN_SECONDS <= value <= MAX_SECONDS,
@@ -123,6 +126,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "ping_interval": float,
     "timeout": float,
     "sweep_interval": float,
+    "lease_ttl": float,
     "workers": int,
     "queue_size": int,
     "max_friends": int,
@@ -179,6 +183,8 @@ _FIELD_HELP: Final = {
     "ping_interval": "seconds between client pings, told to clients on connect",
     "timeout": "seconds of silence after which a client is dropped (> ping interval)",
     "sweep_interval": "seconds between timeout sweeps",
+    "lease_ttl": "seconds before a daemon that stopped renewing its lease is presumed dead "
+    "and its clients are disconnected by a survivor",
     "instance_id": "this daemon's name in Redis; default host-pid",
     "log_level": "debug, info, warning or error",
     "workers": "concurrent Redis operations",

@@ -2,7 +2,8 @@
 
 A user's keys share the hash tag ``{user}``, so each Lua script, which only touches one
 user's keys, runs unchanged on Redis Cluster. A client id's binding lives under the
-client id's own tag; a daemon's inbox channel is named after the daemon.
+client id's own tag; an owner's (a daemon's or library instance's) lease, client set and
+inbox channel share the owner's tag.
 """
 
 from __future__ import annotations
@@ -42,6 +43,25 @@ def client_key(client_id: str) -> str:
     return f"{PREFIX}:client:{{{client_id}}}"
 
 
+OWNERS_KEY: Final = f"{PREFIX}:owners"
+"""Set of the instance ids that own (or owned) clients: where survivors look for the dead."""
+
+
+def lease_key(instance_id: str) -> str:
+    """String with a TTL that exists while the owner ``instance_id`` is alive."""
+    return f"{PREFIX}:owner:{{{instance_id}}}:lease"
+
+
+def owned_key(instance_id: str) -> str:
+    """Set of "user|client id|token" for every client entry the owner holds in Redis."""
+    return f"{PREFIX}:owner:{{{instance_id}}}:clients"
+
+
+def owned_member(user: str, client_id: str, token: str) -> str:
+    """A member of an owner's set (names never contain '|')."""
+    return f"{user}|{client_id}|{token}"
+
+
 def inbox_channel(instance_id: str) -> str:
     """Pub/sub channel on which a daemon receives notifications for clients it owns."""
-    return f"{PREFIX}:daemon:{{{instance_id}}}:inbox"
+    return f"{PREFIX}:owner:{{{instance_id}}}:inbox"

@@ -36,10 +36,12 @@ listeners registered with :meth:`Presence.subscribe` or :meth:`Presence.transiti
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -47,7 +49,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from presence_client.protocol import ErrorCode, FriendState, check_name
+from presence_client.protocol import ErrorCode, FriendState, ProtocolError, check_name
 from presence_daemon import keys
 from presence_daemon.scripts import Call, Scripts
 
@@ -56,6 +58,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FRIENDS: Final = 1000
 STALE_BINDING_AFTER: Final = 10.0
 """Seconds before a client id's binding with no connected entry may go to another user."""
+DEFAULT_LEASE_TTL: Final = 5.0
+"""Seconds an owner's lease lives unless renewed; survivors reap its clients after."""
+REAP_BATCH: Final = 100
+"""Clients of a dead owner disconnected per round trip while reaping."""
+LEASE_ERROR_LOG_INTERVAL: Final = 5.0
 FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.5, 2.0)
 """Seconds before each background retry of a fan-out that hit a Redis error."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
@@ -119,6 +126,19 @@ def _names(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(check_name(name, "friend name") for name in names))
 
 
+def parse_inbox(data: str | bytes) -> list[Delivery]:
+    """The deliveries in one inbox message (see :meth:`Presence.publish`) for the owner
+    that received it; raises ValueError if the message is malformed."""
+    try:
+        items = json.loads(data)
+        return [
+            Delivery("", check_name(c, "client id"), str(t), FriendState(str(n), bool(o), int(v)))
+            for c, t, n, o, v in items
+        ]
+    except (TypeError, ValueError, ProtocolError) as exc:
+        raise ValueError(f"malformed inbox message: {exc}") from None
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -133,8 +153,11 @@ class Presence:
     """Presence state in Redis for any asyncio program.
 
     ``redis`` is a ``redis.asyncio.Redis`` client. ``instance_id`` names this process as
-    the owner of the clients it connects. ``deliver``, if given, receives every
-    notification that a change decided here causes; without it no fan-out is read.
+    the owner of the clients it connects. ``deliver`` receives every notification that a
+    change decided here causes; by default (:meth:`publish`) each goes to the inbox
+    channel of the owner of the client it is for. An owner that holds clients of its own
+    (a WebSocket backend, say) subscribes to ``keys.inbox_channel(instance_id)`` and reads
+    what arrives with :func:`parse_inbox`.
     ``clock`` (wall-clock seconds) dates client-id bindings; see ``stale_binding_after``.
     Call :meth:`start` once before use (it loads the Lua scripts).
     """
@@ -147,19 +170,25 @@ class Presence:
         max_friends: int = DEFAULT_MAX_FRIENDS,
         deliver: Deliver | None = None,
         stale_binding_after: float = STALE_BINDING_AFTER,
+        lease_ttl: float | None = DEFAULT_LEASE_TTL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.instance_id = instance_id or f"lib-{secrets.token_hex(4)}"
         self.max_friends = max_friends
-        self.deliver = deliver
+        self.deliver: Deliver = deliver or self.publish
         self.stale_binding_after = stale_binding_after
+        self.lease_ttl = lease_ttl
         self.clock = clock
         self.scripts = Scripts()
         self.fan_out_failures = 0
         """Fan-outs given up after every retry (their clients repair by snapshot later)."""
+        self.reaped = 0
+        """Clients of dead owners this instance disconnected."""
         self._listeners: list[Listener] = []
         self._retries: set[asyncio.Task[None]] = set()
+        self._lease_task: asyncio.Task[None] | None = None
+        self._last_lease_error = -LEASE_ERROR_LOG_INTERVAL
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Presence:
@@ -167,14 +196,98 @@ class Presence:
         return cls(Redis.from_url(url, decode_responses=True), **kwargs)
 
     async def start(self) -> None:
-        """Load the Lua scripts; raises if Redis is unreachable or a script is broken."""
+        """Load the Lua scripts and, with a lease, take it and start renewing it.
+
+        Raises if Redis is unreachable or a script is broken. With a lease, clients that
+        an earlier process of the same instance id left in Redis are disconnected first
+        (this process holds none yet), and dead owners are reaped from then on.
+        """
         await self.scripts.load(self.redis)
+        if self.lease_ttl is None:
+            return
+        await self._renew_lease()
+        await self.redis.sadd(keys.OWNERS_KEY, self.instance_id)
+        await self.reap(self.instance_id, even_if_alive=True)
+        self._lease_task = asyncio.get_running_loop().create_task(self._lease_forever())
 
     async def close(self) -> None:
-        """Cancel pending fan-out retries and close the Redis client."""
-        for task in list(self._retries):
+        """Stop renewing the lease and give it up, cancel pending fan-out retries and
+        close the Redis client. Clients still connected stay so (a survivor reaps them
+        once the lease is gone); disconnect them first for a clean stop."""
+        for task in [*self._retries, *([self._lease_task] if self._lease_task else [])]:
             task.cancel()
+        if self._lease_task is not None:
+            self._lease_task = None
+            try:
+                await self._give_up_lease()
+            except (RedisError, OSError) as exc:
+                log.warning("could not give up the lease: %s", exc)
         await self.redis.aclose()
+
+    # -- leases: a survivor disconnects the clients of an owner that died -------------
+
+    async def _renew_lease(self) -> None:
+        assert self.lease_ttl is not None
+        await self.redis.set(
+            keys.lease_key(self.instance_id), "alive", px=max(1, round(self.lease_ttl * 1000))
+        )
+
+    async def _give_up_lease(self) -> None:
+        """Clean stop: drop the lease, and the registration if nothing is owned any more."""
+        await self.redis.delete(keys.lease_key(self.instance_id))
+        if not await self.redis.scard(keys.owned_key(self.instance_id)):
+            await self.redis.srem(keys.OWNERS_KEY, self.instance_id)
+
+    async def _lease_forever(self) -> None:
+        """Renew the lease three times a TTL; look for dead owners once a TTL."""
+        assert self.lease_ttl is not None
+        beats = 0
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                await self._renew_lease()
+                beats += 1
+                if beats % 3 == 0:
+                    await self.reap_dead()
+            except (RedisError, OSError) as exc:
+                now = self.clock()
+                if now - self._last_lease_error >= LEASE_ERROR_LOG_INTERVAL:
+                    self._last_lease_error = now
+                    log.error("lease renewal or reaping failed: %s", exc)
+
+    async def reap_dead(self) -> int:
+        """Disconnect the clients of every registered owner whose lease has expired;
+        returns how many were disconnected."""
+        owners = {_text(o) for o in await self.redis.smembers(keys.OWNERS_KEY)}
+        owners.discard(self.instance_id)
+        return sum([await self.reap(owner) for owner in sorted(owners)])
+
+    async def reap(self, owner: str, *, even_if_alive: bool = False) -> int:
+        """Disconnect the clients ``owner`` holds in Redis if its lease has expired (or
+        regardless, with ``even_if_alive``); returns how many were disconnected.
+
+        Each removal is guarded by the session token, so a client that reconnected
+        elsewhere in the meantime is left alone; its friends see nothing.
+        """
+        reaped = 0
+        lease, owned = keys.lease_key(owner), keys.owned_key(owner)
+        while True:
+            status, *members = await self.scripts.call(
+                self.redis, "reap", [lease, owned], [REAP_BATCH, "1" if even_if_alive else "0"]
+            )
+            if status != 1:
+                break
+            parsed = [_text(m).split("|", 2) for m in members]
+            results = await asyncio.gather(
+                *(self.disconnected(c, user=u, token=t) for u, c, t in parsed)
+            )
+            reaped += sum(results)
+        if status == 2 and owner != self.instance_id:
+            await self.redis.srem(keys.OWNERS_KEY, owner)
+        if reaped:
+            self.reaped += reaped
+            log.warning("reaped %d clients of owner %s (lease expired)", reaped, owner)
+        return reaped
 
     # -- transitions ---------------------------------------------------------------
 
@@ -235,7 +348,7 @@ class Presence:
         await self._claim(client_id, user, token)
         if friends is not None:
             await self._change_friends(user, "set", friends)
-        went_online, version, mutual = await self.scripts.call(
+        went_online, version, mutual, previous = await self.scripts.call(
             self.redis,
             "connect",
             keys.user_keys(user),
@@ -243,11 +356,18 @@ class Presence:
         )
         if went_online:
             await self._transition(user, True, int(version), mutual)
-        # The binding and the clients hash live under different tags, so a concurrent
-        # connect of this client id for another user may have judged our fresh binding
-        # stale and taken it over before our entry landed. Check after writing: the
-        # binding decides, and the loser undoes its entry.
-        bound = await self.redis.get(keys.client_key(client_id))
+        # Record the entry in this owner's set (so a survivor can reap it if we die) and
+        # take the replaced one out of its owner's set. Then read the binding back: it
+        # lives under another tag, so a concurrent connect of this client id for
+        # another user may have taken it over before our entry landed; the binding
+        # decides, and the loser undoes its entry.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(keys.owned_key(self.instance_id), keys.owned_member(user, client_id, token))
+        if previous:
+            old_token, old_owner, _ = _entry(previous)
+            pipe.srem(keys.owned_key(old_owner), keys.owned_member(user, client_id, old_token))
+        pipe.get(keys.client_key(client_id))
+        bound = (await pipe.execute())[-1]
         if bound is not None and _text(bound).split("|", 1)[0] != user:
             await self.disconnected(client_id, user=user, token=token)
             raise PresenceError(
@@ -301,10 +421,14 @@ class Presence:
         )
         if not removed:
             return False
-        # Unbind only the session that ended: a concurrent connect's binding stays.
-        ended_token = _entry(entry)[0]
-        await self.scripts.call(
-            self.redis, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
+        # Unbind only the session that ended (a concurrent connect's binding stays) and
+        # take the entry out of its owner's set.
+        ended_token, owner, _ = _entry(entry)
+        await asyncio.gather(
+            self.scripts.call(
+                self.redis, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
+            ),
+            self.redis.srem(keys.owned_key(owner), keys.owned_member(user, client_id, ended_token)),
         )
         if went_offline:
             await self._transition(user, False, int(version), mutual)
@@ -322,7 +446,7 @@ class Presence:
         fail the call: it is retried in the background with backoff, then logged and
         counted. (Deliveries are versioned facts: a repeat is harmless.)
         """
-        if self.deliver is None or not targets:
+        if not targets:
             return
         try:
             await self.deliver(await self._deliveries(targets))
@@ -333,7 +457,6 @@ class Presence:
             task.add_done_callback(self._retries.discard)
 
     async def _fan_out_retry(self, targets: list[tuple[str, FriendState]]) -> None:
-        assert self.deliver is not None
         for delay in FAN_OUT_RETRY_DELAYS:
             await asyncio.sleep(delay)
             try:
@@ -357,6 +480,20 @@ class Presence:
                 token, owner, _ = _entry(value)
                 deliveries.append(Delivery(owner, _text(client_id), token, state))
         return deliveries
+
+    async def publish(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand each delivery to its owner's inbox channel (one message per owner)."""
+        by_owner: dict[str, list[list[object]]] = defaultdict(list)
+        for d in deliveries:
+            by_owner[d.owner].append(
+                [d.client_id, d.token, d.friend.name, d.friend.online, d.friend.version]
+            )
+        if not by_owner:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for owner, items in by_owner.items():
+            pipe.publish(keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
+        await pipe.execute()
 
     # -- reading -------------------------------------------------------------------
 

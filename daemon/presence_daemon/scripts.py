@@ -17,7 +17,16 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES: Final = ("connect", "disconnect", "friends", "fans", "peek", "claim", "release")
+SCRIPT_NAMES: Final = (
+    "connect",
+    "disconnect",
+    "friends",
+    "fans",
+    "peek",
+    "claim",
+    "release",
+    "reap",
+)
 
 Call = tuple[str, Sequence[str], Sequence[str | int]]
 """One script call: (script name, KEYS, ARGV)."""

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
 import secrets
 import time
@@ -68,7 +67,7 @@ from presence_client.protocol import (
 )
 from presence_daemon import keys
 from presence_daemon.config import Config
-from presence_daemon.presence import Delivery, Presence, PresenceError
+from presence_daemon.presence import Delivery, Presence, PresenceError, parse_inbox
 
 log = logging.getLogger(__name__)
 
@@ -549,21 +548,17 @@ class Server:
     # -- notifications -------------------------------------------------------------
 
     async def deliver(self, deliveries: list[Delivery]) -> None:
-        """Send each notification from the daemon that holds its client."""
-        remote: dict[str, list[list[object]]] = collections.defaultdict(list)
+        """Send each notification from the daemon that holds its client; hand the
+        others to their owners' inboxes."""
+        remote = []
         for d in deliveries:
             if d.owner == self.instance_id:
                 self.notify(d.client_id, d.token, d.friend)
             else:
-                remote[d.owner].append(
-                    [d.client_id, d.token, d.friend.name, d.friend.online, d.friend.version]
-                )
+                remote.append(d)
         if remote:
-            pipe = self.presence.redis.pipeline(transaction=False)
-            for owner, items in remote.items():
-                pipe.publish(keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
-            await pipe.execute()
-            self.counters["handoffs"] += sum(len(items) for items in remote.values())
+            await self.presence.publish(remote)
+            self.counters["handoffs"] += len(remote)
 
     def notify(self, client_id: str, token: str, friend: FriendState) -> None:
         """Number and send one notification to a client this daemon holds."""
@@ -608,9 +603,10 @@ class Server:
 
     def _on_inbox(self, data: Any) -> None:
         try:
-            items = json.loads(data)
-            for client_id, token, name, online, version in items:
-                self.notify(client_id, token, FriendState(name, bool(online), int(version)))
-        except Exception:
+            deliveries = parse_inbox(data)
+        except ValueError:
             self.counters["inbox_malformed"] += 1
             log.exception("malformed inbox message")
+            return
+        for d in deliveries:
+            self.notify(d.client_id, d.token, d.friend)

@@ -7,17 +7,19 @@
 -- ARGV[1]  client id
 -- ARGV[2]  entry, "token|owner|address" (token first: disconnect guards on it)
 --
--- Returns {went_online, version, mutual}
+-- Returns {went_online, version, mutual, previous}
 --   went_online  1 if this call made the user go from no clients to one, else 0
 --   version      the user's state version after the call
 --   mutual       the user's mutual friends (declared both ways) if went_online, else {}
+--   previous     the entry this call replaced (same client id, older session), or ''
 --
 -- A repeated connect of a connected client id replaces its entry (new session, new
 -- owner) and is never a transition. All keys share the user's hash tag.
 local before = redis.call('HLEN', KEYS[1])
+local previous = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if before > 0 then
-  return {0, tonumber(redis.call('GET', KEYS[2]) or '0'), {}}
+  return {0, tonumber(redis.call('GET', KEYS[2]) or '0'), {}, previous}
 end
 local version = redis.call('INCR', KEYS[2])
-return {1, version, redis.call('SINTER', KEYS[3], KEYS[4])}
+return {1, version, redis.call('SINTER', KEYS[3], KEYS[4]), previous}
