@@ -9,6 +9,7 @@ duplicates the client would have absorbed silently.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -500,21 +501,53 @@ async def test_client_failing_over_before_the_reap_causes_no_flap(
 async def test_restarted_daemon_with_the_same_id_clears_what_it_left_at_once(
     daemon_factory: DaemonFactory, clients: Clients, presence: Presence
 ) -> None:
-    first = daemon_factory("d1")  # default lease: 5 s
-    other = daemon_factory("d2")
+    first = daemon_factory("d1", flags={"--lease-ttl": "1"})
+    other = daemon_factory("d2", flags={"--lease-ttl": "5"})
     await clients.connect("alice", ["carol"], first, auto_reconnect=False)
     carol = await clients.connect("carol", ["alice"], other)
     assert carol.friends == {"alice": True}
 
     first.kill()
-    daemon_factory("d1")  # same instance id: its predecessor's clients are stale
-    # Faster than the 5 s lease: the new process clears them when it starts.
+    # Same instance id: the new process waits out its predecessor's lease (1 s), then
+    # clears the clients it left, sooner than d2 (5 s lease) would reap them.
+    daemon_factory("d1", flags={"--lease-ttl": "1"})
     await wait_for(
         lambda: carol.friends == {"alice": False},
         TIMEOUT_WAIT,
         what="carol sees alice offline as soon as d1 restarts",
     )
     assert carol.seen("alice") == [True, False]
+
+
+async def test_stalled_daemon_that_was_reaped_registers_its_clients_again(
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+) -> None:
+    lease = {"--lease-ttl": "0.5"}
+    survivor = daemon_factory("survivor", flags=lease)
+    # Slow pings, so alice's client does not notice a short stall of its daemon.
+    stalled = daemon_factory("stalled", flags={**lease, "--ping-interval": "2", "--timeout": "6"})
+    alice = await clients.connect("alice", ["carol"], stalled)
+    carol = await clients.connect("carol", ["alice"], survivor)
+    session = alice.client.session
+
+    stalled.send_signal(signal.SIGSTOP)  # frozen: its lease lapses, the survivor reaps
+    try:
+        await wait_for(
+            lambda: carol.friends == {"alice": False},
+            TIMEOUT_WAIT,
+            what="the survivor reaps the stalled daemon's client",
+        )
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    # Thawed, the daemon finds its lease lost and puts its clients back.
+    await wait_for(
+        lambda: carol.friends == {"alice": True},
+        TIMEOUT_WAIT,
+        what="the thawed daemon registers alice again",
+    )
+    assert carol.seen("alice") == [True, False, True]
+    assert await online(presence, "alice") == {"alice": True}
+    assert alice.client.session == session  # alice's client noticed nothing
 
 
 # ---------------------------------------------------------------------------

@@ -830,6 +830,12 @@ async def r(redis_url: str) -> AsyncIterator[Redis]:
 # Leases: the clients of an owner that died are disconnected by a survivor.
 
 
+def die(presence: Presence) -> None:
+    """Stop renewing the lease (and reaping) without a word, as a killed process would."""
+    for task in presence._lease_tasks:
+        task.cancel()
+
+
 async def test_clients_of_a_dead_owner_are_reaped_once(
     make_presence: MakePresence, r: Redis
 ) -> None:
@@ -853,8 +859,7 @@ async def test_clients_of_a_dead_owner_are_reaped_once(
     told.clear()
 
     # The doomed owner stops renewing its lease without a word, as a killed process.
-    assert doomed._lease_task is not None
-    doomed._lease_task.cancel()
+    die(doomed)
 
     async def lease_gone() -> bool:
         return not await r.exists(keys.lease_key("doomed"))
@@ -877,8 +882,7 @@ async def test_a_client_that_moved_before_the_reap_is_left_alone(
     doomed = await make_presence(instance_id="doomed", lease_ttl=0.3)
     rec = Recorder([survivor, doomed])
     await doomed.connected("a1", "alice")
-    assert doomed._lease_task is not None
-    doomed._lease_task.cancel()
+    die(doomed)
     # The client fails over to the survivor, same client id, new session.
     moved = await survivor.connected("a1", "alice")
     assert not moved.went_online
@@ -898,11 +902,11 @@ async def test_a_client_that_moved_before_the_reap_is_left_alone(
 async def test_a_restarted_owner_clears_what_its_predecessor_left(
     make_presence: MakePresence, r: Redis
 ) -> None:
-    first = await make_presence(instance_id="d1")
+    first = await make_presence(instance_id="d1", lease_ttl=0.3)
     await first.connected("a1", "alice")
-    assert first._lease_task is not None
-    first._lease_task.cancel()  # dies; its lease is still valid for a while
-    second = await make_presence(instance_id="d1")  # same id: start() clears the leftovers
+    die(first)  # its lease is still valid for a while
+    # Same id: start() waits the dead process's lease out, then clears its leftovers.
+    second = await make_presence(instance_id="d1", lease_ttl=0.3)
     assert second.reaped == 1
     assert await second.query(["alice"]) == {"alice": False}
     assert await r.scard(keys.owned_key("d1")) == 0
@@ -918,3 +922,58 @@ async def test_a_clean_close_gives_up_the_lease_and_registration(
     await p.close()
     assert await r.exists(keys.lease_key("tidy")) == 0
     assert "tidy" not in await r.smembers(keys.OWNERS_KEY)
+
+
+async def test_an_owner_whose_lease_lapsed_learns_it_and_is_told_to_register_again(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    lost: list[str] = []
+
+    async def register_again() -> None:
+        lost.append("lost")
+
+    survivor = await make_presence(instance_id="survivor")
+    stalled = await make_presence(
+        instance_id="stalled", lease_ttl=0.3, on_lease_lost=register_again
+    )
+    await stalled.connected("a1", "alice")
+    assert await stalled.renew_lease() is True
+    die(stalled)  # a stall longer than the TTL: nothing renews
+
+    async def lease_gone() -> bool:
+        return not await r.exists(keys.lease_key("stalled"))
+
+    await wait_for(lease_gone, what="the stalled owner's lease expires")
+    assert await survivor.reap_dead() == 1
+    assert "stalled" not in await r.smembers(keys.OWNERS_KEY)
+    # The stall ends: the next renewal finds the lease lost, registers the owner again
+    # and asks it to put its clients back.
+    assert await stalled.renew_lease() is False
+    await wait_for(lambda: lost == ["lost"], what="on_lease_lost is called")
+    assert stalled.lease_losses == 1
+    assert "stalled" in await r.smembers(keys.OWNERS_KEY)
+    assert await stalled.renew_lease() is True
+
+
+async def test_a_second_live_process_cannot_take_an_instance_id(
+    make_presence: MakePresence,
+) -> None:
+    await make_presence(instance_id="busy", lease_ttl=0.2)
+    with pytest.raises(RuntimeError, match="in use"):
+        await make_presence(instance_id="busy", lease_ttl=0.2)
+
+
+async def test_reconcile_removes_entries_this_owner_no_longer_holds(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    owner = await make_presence(instance_id="owner")
+    kept = await owner.connected("a1", "alice")
+    lost = await owner.connected("b1", "bob")
+    assert await owner.reconcile(lambda token: True) == 0
+    assert await owner.reconcile(lambda token: token == kept.token) == 1
+    assert await owner.query(["alice", "bob"]) == {"alice": True, "bob": False}
+    assert await r.smembers(keys.owned_key("owner")) == {f"alice|a1|{kept.token}"}
+    # A member whose entry is already gone is just dropped from the set.
+    await r.sadd(keys.owned_key("owner"), f"carol|c1|{lost.token}")
+    assert await owner.reconcile(lambda token: token == kept.token) == 0
+    assert await r.smembers(keys.owned_key("owner")) == {f"alice|a1|{kept.token}"}

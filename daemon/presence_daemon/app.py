@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from presence_daemon.config import Config
 from presence_daemon.embedded import EmbeddedRedis
@@ -47,18 +47,27 @@ class DatagramHandler(asyncio.DatagramProtocol):
         self.server.counters["socket_errors"] += 1
 
 
-def _signal_trigger() -> Callable[[], Awaitable[None]]:
+def _install_signal_trigger() -> Callable[[], Awaitable[None]]:
+    """Catch SIGTERM and SIGINT from now on; returns a trigger that waits for one.
+
+    Installed before the daemon says it is ready, so a signal sent the moment it is
+    ready still shuts it down cleanly. After the first signal, further ones are only
+    logged: a second Ctrl-C must not cut short the clean-up that keeps users from
+    staying online. (The handlers go away with the loop.)
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.info("already shutting down")
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+
     async def wait_for_signal() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
-        # Keep catching the signals while the daemon drains: a second Ctrl-C must not
-        # interrupt the clean-up that keeps users from staying online. (The handlers go
-        # away with the loop.)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, log.info, "already shutting down")
 
     return wait_for_signal
 
@@ -81,13 +90,18 @@ async def serve(
         embedded.start()
         redis_url = embedded.url
         log.info("started embedded redis-server at %s", redis_url)
+    # A blocking pool: under load a job waits for a connection instead of failing.
+    pool = BlockingConnectionPool.from_url(
+        redis_url, decode_responses=True, max_connections=config.workers + 16, timeout=10
+    )
     presence = Presence(
-        Redis.from_url(redis_url, decode_responses=True),
+        Redis.from_pool(pool),
         instance_id=config.resolved_instance_id,
         max_friends=config.max_friends,
         lease_ttl=config.lease_ttl,
     )
     server = Server(config, presence)  # before start(): reaping at start notifies friends
+    trigger = shutdown_trigger or _install_signal_trigger()
     try:
         await presence.start()
         loop = asyncio.get_running_loop()
@@ -101,7 +115,7 @@ async def serve(
             log.info("serving on udp://%s:%d with redis %s", host, port, _safe_url(redis_url))
             if on_ready is not None:
                 on_ready(server, (host, port))
-            await (shutdown_trigger or _signal_trigger())()
+            await trigger()
             log.info("shutting down: removing %d clients from Redis", len(server.by_client))
             await server.stop()
         finally:

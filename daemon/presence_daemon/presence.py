@@ -36,6 +36,7 @@ listeners registered with :meth:`Presence.subscribe` or :meth:`Presence.transiti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError, check_name
 from presence_daemon import keys
@@ -61,7 +62,11 @@ STALE_BINDING_AFTER: Final = 10.0
 DEFAULT_LEASE_TTL: Final = 5.0
 """Seconds an owner's lease lives unless renewed; survivors reap its clients after."""
 REAP_BATCH: Final = 100
-"""Clients of a dead owner disconnected per round trip while reaping."""
+"""Clients of a dead owner listed per round trip while reaping."""
+REAP_CONCURRENCY: Final = 16
+"""Disconnects of a dead owner's clients in flight at once."""
+CLOSE_GRACE: Final = 2.5
+"""Seconds close() waits for pending fan-out retries."""
 LEASE_ERROR_LOG_INTERVAL: Final = 5.0
 FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.5, 2.0)
 """Seconds before each background retry of a fan-out that hit a Redis error."""
@@ -171,6 +176,7 @@ class Presence:
         deliver: Deliver | None = None,
         stale_binding_after: float = STALE_BINDING_AFTER,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
+        on_lease_lost: Callable[[], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -179,7 +185,9 @@ class Presence:
         self.deliver: Deliver = deliver or self.publish
         self.stale_binding_after = stale_binding_after
         self.lease_ttl = lease_ttl
+        self.on_lease_lost = on_lease_lost
         self.clock = clock
+        self._clock_offset = 0.0
         self.scripts = Scripts()
         self.fan_out_failures = 0
         """Fan-outs given up after every retry (their clients repair by snapshot later)."""
@@ -187,7 +195,14 @@ class Presence:
         """Clients of dead owners this instance disconnected."""
         self._listeners: list[Listener] = []
         self._retries: set[asyncio.Task[None]] = set()
-        self._lease_task: asyncio.Task[None] | None = None
+        self.lease_losses = 0
+        """Times the lease was found lost at renewal."""
+        self.cleanup_failures = 0
+        """Unbindings and owner-set removals that failed after a disconnect (harmless
+        leftovers: a stale binding passes on after ``stale_binding_after``, a stale
+        owner-set member is dropped by the next reap or restart)."""
+        self._lease_tasks: list[asyncio.Task[None]] = []
+        self._lease_nonce = ""
         self._last_lease_error = -LEASE_ERROR_LOG_INTERVAL
 
     @classmethod
@@ -196,64 +211,173 @@ class Presence:
         return cls(Redis.from_url(url, decode_responses=True), **kwargs)
 
     async def start(self) -> None:
-        """Load the Lua scripts and, with a lease, take it and start renewing it.
+        """Load the Lua scripts and, with a lease, take it and keep it.
 
-        Raises if Redis is unreachable or a script is broken. With a lease, clients that
-        an earlier process of the same instance id left in Redis are disconnected first
-        (this process holds none yet), and dead owners are reaped from then on.
+        Raises if Redis is unreachable or a script is broken, and RuntimeError if a live
+        process holds this instance id. A lease left by a dead process of the same id is
+        waited out (at most one TTL); then the clients it left in Redis are disconnected
+        (this process holds none of them) and dead owners are reaped from then on.
         """
         await self.scripts.load(self.redis)
+        seconds, micros = await self.redis.time()
+        self._clock_offset = seconds + micros / 1e6 - self.clock()
         if self.lease_ttl is None:
             return
-        await self._renew_lease()
-        await self.redis.sadd(keys.OWNERS_KEY, self.instance_id)
+        await self._take_lease()
         await self.reap(self.instance_id, even_if_alive=True)
-        self._lease_task = asyncio.get_running_loop().create_task(self._lease_forever())
+        loop = asyncio.get_running_loop()
+        self._lease_tasks = [
+            loop.create_task(self._renew_forever(), name=f"lease-{self.instance_id}"),
+            loop.create_task(self._reap_forever(), name=f"reaper-{self.instance_id}"),
+        ]
 
     async def close(self) -> None:
-        """Stop renewing the lease and give it up, cancel pending fan-out retries and
-        close the Redis client. Clients still connected stay so (a survivor reaps them
-        once the lease is gone); disconnect them first for a clean stop."""
-        for task in [*self._retries, *([self._lease_task] if self._lease_task else [])]:
+        """Stop the lease tasks, let pending fan-out retries finish (briefly), give up
+        the lease and close the Redis client.
+
+        Clients still connected stay connected in Redis: disconnect them first for a
+        clean stop. (If this process is the only owner, nobody reaps them; a process
+        started later with the same instance id clears them.)
+        """
+        for task in self._lease_tasks:
             task.cancel()
-        if self._lease_task is not None:
-            self._lease_task = None
+        for task in self._lease_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._lease_tasks = []
+        if self._retries:
+            _, pending = await asyncio.wait(set(self._retries), timeout=CLOSE_GRACE)
+            for task in pending:
+                task.cancel()
+        if self.lease_ttl is not None and self._lease_nonce:
             try:
                 await self._give_up_lease()
             except (RedisError, OSError) as exc:
                 log.warning("could not give up the lease: %s", exc)
         await self.redis.aclose()
 
+    def now(self) -> float:
+        """Wall-clock seconds as Redis sees them (our clock, corrected at start())."""
+        return self.clock() + self._clock_offset
+
     # -- leases: a survivor disconnects the clients of an owner that died -------------
 
-    async def _renew_lease(self) -> None:
+    @property
+    def _lease_ms(self) -> int:
         assert self.lease_ttl is not None
-        await self.redis.set(
-            keys.lease_key(self.instance_id), "alive", px=max(1, round(self.lease_ttl * 1000))
+        return max(1, round(self.lease_ttl * 1000))
+
+    async def _take_lease(self) -> None:
+        """Take the lease for this instance id, waiting out one a dead process left."""
+        key = keys.lease_key(self.instance_id)
+        self._lease_nonce = secrets.token_hex(8)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self._lease_ms / 1000 + 1
+        while not await self.redis.set(key, self._lease_nonce, px=self._lease_ms, nx=True):
+            if loop.time() > deadline:
+                raise RuntimeError(
+                    f"instance id {self.instance_id!r} is in use: another live process "
+                    "keeps renewing its lease"
+                )
+            remaining = await self.redis.pttl(key)
+            await asyncio.sleep(min(max(remaining, 10), self._lease_ms) / 1000)
+        await self.redis.sadd(keys.OWNERS_KEY, self.instance_id)
+
+    async def renew_lease(self) -> bool:
+        """Renew the lease (and the registration); False if it had been lost meanwhile.
+
+        A lost lease (it expired during a stall or a Redis outage, or was taken) means a
+        survivor may have reaped this instance's clients: ``on_lease_lost`` is called so
+        the owner can register them again.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.lease_key(self.instance_id), self._lease_nonce, px=self._lease_ms, get=True)
+        pipe.sadd(keys.OWNERS_KEY, self.instance_id)
+        previous, _ = await pipe.execute()
+        if previous is not None and _text(previous) == self._lease_nonce:
+            return True
+        self.lease_losses += 1
+        log.error(
+            "lease of %s was lost (stall or Redis outage longer than %.1f s): its clients "
+            "may have been reaped%s",
+            self.instance_id,
+            self._lease_ms / 1000,
+            "; registering them again" if self.on_lease_lost else "",
         )
+        if self.on_lease_lost is not None:
+            self._background(self.on_lease_lost())
+        return False
 
     async def _give_up_lease(self) -> None:
-        """Clean stop: drop the lease, and the registration if nothing is owned any more."""
-        await self.redis.delete(keys.lease_key(self.instance_id))
+        """Clean stop: drop our lease, and the registration if nothing is owned any more."""
+        key = keys.lease_key(self.instance_id)
+        if _text(await self.redis.get(key) or "") == self._lease_nonce:
+            await self.redis.delete(key)
         if not await self.redis.scard(keys.owned_key(self.instance_id)):
             await self.redis.srem(keys.OWNERS_KEY, self.instance_id)
 
-    async def _lease_forever(self) -> None:
-        """Renew the lease three times a TTL; look for dead owners once a TTL."""
-        assert self.lease_ttl is not None
-        beats = 0
+    async def _renew_forever(self) -> None:
+        """Renew three times a TTL, in a task of its own: a long reap never delays it."""
         while True:
-            await asyncio.sleep(self.lease_ttl / 3)
+            await asyncio.sleep(self._lease_ms / 3000)
             try:
-                await self._renew_lease()
-                beats += 1
-                if beats % 3 == 0:
-                    await self.reap_dead()
-            except (RedisError, OSError) as exc:
-                now = self.clock()
-                if now - self._last_lease_error >= LEASE_ERROR_LOG_INTERVAL:
-                    self._last_lease_error = now
-                    log.error("lease renewal or reaping failed: %s", exc)
+                await self.renew_lease()
+            except Exception as exc:  # keep renewing whatever happens: lapsing is worse
+                self._log_lease_error("renewing the lease", exc)
+
+    async def _reap_forever(self) -> None:
+        """Look for dead owners once a TTL."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 1000)
+            try:
+                await self.reap_dead()
+            except Exception as exc:
+                self._log_lease_error("reaping dead owners", exc)
+
+    def _log_lease_error(self, what: str, exc: Exception) -> None:
+        now = self.clock()
+        if now - self._last_lease_error >= LEASE_ERROR_LOG_INTERVAL:
+            self._last_lease_error = now
+            if isinstance(exc, RedisError | OSError):
+                log.error(
+                    "%s failed: %s (repeats within %.0f s not logged)",
+                    what,
+                    exc,
+                    LEASE_ERROR_LOG_INTERVAL,
+                )
+            else:
+                log.exception("%s failed", what)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def reconcile(self, is_held: Callable[[str], bool]) -> int:
+        """Disconnect every client this instance owns in Redis but does not hold.
+
+        ``is_held(token)`` says whether a session token is live in this process. Such
+        leftovers come from operations whose outcome was lost (a connect whose reply
+        never came back from Redis). Cost: one SSCAN pass over this owner's set.
+        Returns how many entries were removed.
+        """
+        owned = keys.owned_key(self.instance_id)
+        removed = 0
+        async for raw in self.redis.sscan_iter(owned, count=500):
+            member = _text(raw)
+            user, client_id, token = member.split("|", 2)
+            if is_held(token):
+                continue
+            if await self.disconnected(client_id, user=user, token=token):
+                removed += 1
+            else:
+                await self.redis.srem(owned, member)
+        if removed:
+            log.warning("reconcile: removed %d client entries this process no longer held", removed)
+        return removed
 
     async def reap_dead(self) -> int:
         """Disconnect the clients of every registered owner whose lease has expired;
@@ -267,22 +391,44 @@ class Presence:
         regardless, with ``even_if_alive``); returns how many were disconnected.
 
         Each removal is guarded by the session token, so a client that reconnected
-        elsewhere in the meantime is left alone; its friends see nothing.
+        elsewhere in the meantime is left alone and its friends see nothing. A member
+        leaves the owner's set only once handled, so a pass that fails half-way loses
+        nothing: the next one lists the rest again.
         """
-        reaped = 0
         lease, owned = keys.lease_key(owner), keys.owned_key(owner)
+        limit = asyncio.Semaphore(REAP_CONCURRENCY)
+
+        async def handle(member: str) -> bool:
+            user, client_id, token = member.split("|", 2)
+            async with limit:
+                if await self.disconnected(client_id, user=user, token=token):
+                    return True
+                await self.redis.srem(owned, member)  # nothing there any more: stale
+                return False
+
+        reaped, seen = 0, set[str]()
+        status = 0
         while True:
-            status, *members = await self.scripts.call(
+            status, *listed = await self.scripts.call(
                 self.redis, "reap", [lease, owned], [REAP_BATCH, "1" if even_if_alive else "0"]
             )
-            if status != 1:
+            members = [_text(m) for m in listed]
+            if status != 1 or seen.issuperset(members):
+                break  # alive, done, or only members whose removal keeps failing
+            seen.update(members)
+            results = await asyncio.gather(*map(handle, members), return_exceptions=True)
+            reaped += sum(result is True for result in results)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                log.warning(
+                    "reaping %s: %d removals failed (%s); retried next pass",
+                    owner,
+                    len(failed),
+                    failed[0],
+                )
                 break
-            parsed = [_text(m).split("|", 2) for m in members]
-            results = await asyncio.gather(
-                *(self.disconnected(c, user=u, token=t) for u, c, t in parsed)
-            )
-            reaped += sum(results)
-        if status == 2 and owner != self.instance_id:
+        if status == 2 and not even_if_alive:
+            # Unregister, unless it came back meanwhile (its renewal registers it again).
             await self.redis.srem(keys.OWNERS_KEY, owner)
         if reaped:
             self.reaped += reaped
@@ -345,29 +491,47 @@ class Presence:
         if token is not None and not _TOKEN_RE.fullmatch(token):
             raise ValueError("a session token is 8 to 64 hex digits")
         token = token or secrets.token_hex(16)
-        await self._claim(client_id, user, token)
-        if friends is not None:
-            await self._change_friends(user, "set", friends)
-        went_online, version, mutual, previous = await self.scripts.call(
-            self.redis,
-            "connect",
-            keys.user_keys(user),
-            [client_id, f"{token}|{self.instance_id}|{address}"],
-        )
-        if went_online:
-            await self._transition(user, True, int(version), mutual)
-        # Record the entry in this owner's set (so a survivor can reap it if we die) and
-        # take the replaced one out of its owner's set. Then read the binding back: it
+        member = keys.owned_member(user, client_id, token)
+        # Recorded before the entry exists, so a survivor can reap it if we die after.
+        await self.redis.sadd(keys.owned_key(self.instance_id), member)
+        entry_may_exist = False
+        try:
+            await self._claim(client_id, user, token)
+            if friends is not None:
+                await self._change_friends(user, "set", friends)
+            entry_may_exist = True
+            went_online, version, mutual, previous = await self.scripts.call(
+                self.redis,
+                "connect",
+                keys.user_keys(user),
+                [client_id, f"{token}|{self.instance_id}|{address}"],
+            )
+        except BaseException:
+            # If the connect script may have run (its answer lost), the member stays so
+            # the entry can still be found and removed (reconcile(), reap, restart).
+            if not entry_may_exist:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.srem(keys.owned_key(self.instance_id), member)
+            raise
+        # From here on the entry exists: nothing may stop its transition being told.
+        # Take the replaced entry out of its owner's set, and read the binding back: it
         # lives under another tag, so a concurrent connect of this client id for
         # another user may have taken it over before our entry landed; the binding
         # decides, and the loser undoes its entry.
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(keys.owned_key(self.instance_id), keys.owned_member(user, client_id, token))
-        if previous:
-            old_token, old_owner, _ = _entry(previous)
-            pipe.srem(keys.owned_key(old_owner), keys.owned_member(user, client_id, old_token))
-        pipe.get(keys.client_key(client_id))
-        bound = (await pipe.execute())[-1]
+        bound: Any = None
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            if previous:
+                old_token, old_owner, _ = _entry(previous)
+                old_member = keys.owned_member(user, client_id, old_token)
+                pipe.srem(keys.owned_key(old_owner), old_member)
+            pipe.get(keys.client_key(client_id))
+            bound = (await pipe.execute())[-1]
+        except (RedisError, OSError) as exc:
+            self.cleanup_failures += 1
+            log.warning("after connecting %s: %s", client_id, exc)
+        if went_online:
+            await self._transition(user, True, int(version), mutual)
         if bound is not None and _text(bound).split("|", 1)[0] != user:
             await self.disconnected(client_id, user=user, token=token)
             raise PresenceError(
@@ -377,7 +541,7 @@ class Presence:
 
     async def _claim(self, client_id: str, user: str, token: str) -> None:
         key = keys.client_key(client_id)
-        now_ms = round(self.clock() * 1000)
+        now_ms = round(self.now() * 1000)
         min_age_ms = round(self.stale_binding_after * 1000)
         args: list[str | int] = [user, token, now_ms, "", min_age_ms]
         holder = _text(await self.scripts.call(self.redis, "claim", [key], args))
@@ -422,14 +586,23 @@ class Presence:
         if not removed:
             return False
         # Unbind only the session that ended (a concurrent connect's binding stays) and
-        # take the entry out of its owner's set.
+        # take the entry out of its owner's set. Best effort: the decision is made and
+        # must be told; what a failure leaves behind is harmless (see cleanup_failures).
         ended_token, owner, _ = _entry(entry)
-        await asyncio.gather(
-            self.scripts.call(
-                self.redis, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
-            ),
-            self.redis.srem(keys.owned_key(owner), keys.owned_member(user, client_id, ended_token)),
-        )
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            self.scripts.queue(
+                pipe, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
+            )
+            pipe.srem(keys.owned_key(owner), keys.owned_member(user, client_id, ended_token))
+            released, _ = await pipe.execute(raise_on_error=False)
+            if isinstance(released, NoScriptError):
+                await self.scripts.call(
+                    self.redis, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
+                )
+        except (RedisError, OSError) as exc:
+            self.cleanup_failures += 1
+            log.warning("after disconnecting %s: %s", client_id, exc)
         if went_offline:
             await self._transition(user, False, int(version), mutual)
         return True

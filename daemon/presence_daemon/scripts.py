@@ -62,6 +62,10 @@ class Scripts:
             await self.load(redis)
             return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
 
+    def queue(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[str | int]) -> None:
+        """Add one script call to a pipeline (its result may be a NoScriptError)."""
+        pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+
     async def call_many(self, redis: Redis, calls: Sequence[Call]) -> list[Any]:
         """Run many script calls in one pipeline (no transaction), results in order.
 

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import secrets
 import time
@@ -77,7 +78,15 @@ Clock = Callable[[], float]
 REDIS_ERROR_LOG_INTERVAL: Final = 5.0
 """Seconds between repeated log lines about an unreachable Redis."""
 
-EMPTY_SESSION: Final = bytes(16)
+RECONCILE_INTERVAL: Final = 60.0
+"""Seconds between comparisons of what Redis says this daemon owns with what it holds."""
+
+
+def _token_bytes(token: str) -> bytes:
+    try:
+        return bytes.fromhex(token)
+    except ValueError:
+        return b""
 
 
 @dataclass(slots=True, eq=False)
@@ -123,6 +132,7 @@ class Server:
         self.presence = presence
         self.instance_id = presence.instance_id
         presence.deliver = self.deliver
+        presence.on_lease_lost = self.register_again
         self.clock = clock
         self._send: Callable[[bytes, Address], None] = send or (lambda data, addr: None)
         self.by_token: dict[bytes, Session] = {}
@@ -153,6 +163,7 @@ class Server:
             self._tasks.append(asyncio.create_task(self._work(queue)))
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         self._tasks.append(asyncio.create_task(self._listen_inbox()))
+        self._tasks.append(asyncio.create_task(self._reconcile_forever()))
 
     async def stop(self, *, drain_timeout: float = 5.0) -> None:
         """Stop taking new work, finish what is queued, then remove every held client
@@ -539,6 +550,44 @@ class Server:
             queue.put_nowait(remove)
         except asyncio.QueueFull:
             self._failed_removals.append(session)
+
+    async def _reconcile_forever(self) -> None:
+        """Now and then, remove entries Redis says we own but we do not hold."""
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL)
+            try:
+                self.counters["reconciled"] += await self.presence.reconcile(
+                    lambda token: _token_bytes(token) in self.by_token
+                )
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+
+    async def register_again(self) -> None:
+        """Our lease lapsed, so a survivor may have reaped our clients: put every held
+        session back in Redis (same token; the client notices nothing, its friends see
+        it come back online). A session that cannot be registered again is dropped; its
+        client's next ping gets UNKNOWN_SESSION and it connects again."""
+        self.counters["lease_lost"] += 1
+        for session in list(self.by_token.values()):
+            # Through the client's own queue, so it cannot overtake its disconnect.
+            queue = self._queues[hash(session.client_id) % len(self._queues)]
+            try:
+                queue.put_nowait(functools.partial(self._register_again, session))
+            except asyncio.QueueFull:
+                self.counters["lost_on_reregister"] += 1
+                self._drop(session)
+
+    async def _register_again(self, session: Session) -> None:
+        if session.closing or self.by_token.get(session.token) is not session:
+            return
+        address = f"{session.address[0]}:{session.address[1]}"
+        try:
+            await self.presence.connected(
+                session.client_id, session.user, address=address, token=session.token_hex
+            )
+        except (PresenceError, RedisError, OSError):
+            self.counters["lost_on_reregister"] += 1
+            self._drop(session)
 
     async def _sweep_forever(self) -> None:
         while True:
