@@ -144,6 +144,8 @@ class Server:
             asyncio.Queue(config.queue_size) for _ in range(config.workers)
         ]
         self._tasks: list[asyncio.Task[None]] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._housekeeping: list[asyncio.Task[None]] = []
         self._last_redis_error_log = -REDIS_ERROR_LOG_INTERVAL
         self.stopping = False
         # Timed-out sessions whose removal could not be queued or failed: retried first
@@ -158,25 +160,31 @@ class Server:
         self._send = send
 
     def start(self) -> None:
-        """Start the workers, the timeout sweeper and the inbox listener."""
-        for queue in self._queues:
-            self._tasks.append(asyncio.create_task(self._work(queue)))
-        self._tasks.append(asyncio.create_task(self._sweep_forever()))
-        self._tasks.append(asyncio.create_task(self._listen_inbox()))
-        self._tasks.append(asyncio.create_task(self._reconcile_forever()))
+        """Start the workers, the timeout sweeper, the reconciler and the inbox listener."""
+        self._workers = [asyncio.create_task(self._work(queue)) for queue in self._queues]
+        self._housekeeping = [
+            asyncio.create_task(self._sweep_forever()),
+            asyncio.create_task(self._reconcile_forever()),
+        ]
+        self._tasks = [
+            *self._workers,
+            *self._housekeeping,
+            asyncio.create_task(self._listen_inbox()),
+        ]
 
     async def stop(self, *, drain_timeout: float = 5.0) -> None:
         """Stop taking new work, finish what is queued, then remove every held client
         from Redis (their friends are told) and stop the tasks."""
         self.stopping = True
-        self._tasks[len(self._queues)].cancel()  # the sweeper: no new timeouts from now on
+        for task in self._housekeeping:  # no new timeouts or reconciliation from now on
+            task.cancel()
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(queue.join() for queue in self._queues)), drain_timeout
             )
         except TimeoutError:
             log.warning("shutdown: queued work did not finish within %.1f s", drain_timeout)
-            for task in self._tasks[: len(self._queues)]:
+            for task in self._workers:
                 task.cancel()  # nothing may land in Redis after the removal pass
         # Every session held, including one whose connect was cut short above.
         sessions = list(self.by_token.values())
