@@ -686,3 +686,23 @@ def test_invalid_names(name: object) -> None:
     with pytest.raises(ProtocolError) as info:
         check_name(name, "user name")
     assert info.value.code is ErrorCode.INVALID_NAME
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "request_id"),
+    [
+        ({"v": 2, "t": 1, "r": 9}, ErrorCode.UNSUPPORTED_VERSION, 9),
+        ({"v": 1, "t": 99, "r": 9}, ErrorCode.UNKNOWN_TYPE, 9),
+        ({"v": 1, "t": 1, "r": 9, "c": "c", "u": "bad user"}, ErrorCode.INVALID_NAME, 9),
+        ({"v": 1, "t": 1, "r": -1, "c": "c", "u": "u"}, ErrorCode.INVALID_FIELD, 0),
+        ({"v": 1, "t": 1, "r": 2**32, "c": "c", "u": "u"}, ErrorCode.INVALID_FIELD, 0),
+        ({"v": 1, "t": 1, "r": True, "c": "c", "u": "u"}, ErrorCode.INVALID_FIELD, 0),
+        ({"v": 1, "t": 99}, ErrorCode.UNKNOWN_TYPE, 0),
+    ],
+)
+def test_errors_carry_the_request_id_when_it_is_readable(
+    body: dict[str, object], code: ErrorCode, request_id: int
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(msgpack.packb(body))
+    assert (info.value.code, info.value.request) == (code, request_id)

@@ -88,7 +88,8 @@ class Case:
     required: bool = True
     """False if the answer may be withheld (it would be larger than the datagram)."""
     request: int = 0
-    """The request id the answer must carry (0 when the datagram could not be read)."""
+    """The request id the answer must carry: the datagram's own when it could be read,
+    else 0."""
 
 
 def padded(message: Message, size: int = MAX_DATAGRAM) -> bytes:
@@ -125,19 +126,27 @@ CASES: dict[str, Case] = {
     ),
     # Names.
     "user-with-space": Case(
-        pack(connect_body("bad user"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME
+        pack(connect_body("bad user"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
     ),
     "user-too-long": Case(
-        pack(connect_body("x" * (MAX_NAME_CHARS + 1)), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME
+        pack(connect_body("x" * (MAX_NAME_CHARS + 1)), size=MAX_DATAGRAM),
+        ErrorCode.INVALID_NAME,
+        request=7,
     ),
-    "user-empty": Case(pack(connect_body(""), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME),
-    "user-hash-tag": Case(pack(connect_body("{alice}"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME),
-    "user-not-a-string": Case(pack(connect_body(12345), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME),
+    "user-empty": Case(
+        pack(connect_body(""), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
+    ),
+    "user-hash-tag": Case(
+        pack(connect_body("{alice}"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
+    ),
+    "user-not-a-string": Case(
+        pack(connect_body(12345), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
+    ),
     "client-id-with-slash": Case(
-        pack(connect_body(client_id="a/b"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME
+        pack(connect_body(client_id="a/b"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
     ),
     "friend-with-newline": Case(
-        pack(connect_body(f=["bob", "eve\n"]), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME
+        pack(connect_body(f=["bob", "eve\n"]), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
     ),
     # Fields.
     "request-negative": Case(
@@ -147,7 +156,7 @@ CASES: dict[str, Case] = {
         pack({**connect_body(), "r": 2**32}, size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD
     ),
     "friends-not-a-list": Case(
-        pack(connect_body(f="bob"), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD
+        pack(connect_body(f="bob"), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD, request=7
     ),
     "session-15-bytes": Case(
         pack({"v": 1, "t": 3, "s": bytes(15)}, size=80), ErrorCode.INVALID_FIELD
@@ -158,6 +167,7 @@ CASES: dict[str, Case] = {
     "friends-unknown-op": Case(
         pack({"v": 1, "t": 7, "r": 1, "s": UNKNOWN, "op": 9, "f": []}, size=80),
         ErrorCode.INVALID_FIELD,
+        request=1,
     ),
     "friends-add-in-parts": Case(
         pack(
@@ -174,6 +184,7 @@ CASES: dict[str, Case] = {
             size=80,
         ),
         ErrorCode.INVALID_FIELD,
+        request=1,
     ),
     # Sessions the daemon never issued.
     "ping-unknown-session": Case(encode(Ping(UNKNOWN)), ErrorCode.UNKNOWN_SESSION),

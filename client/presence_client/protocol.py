@@ -114,12 +114,17 @@ class FriendsOp(enum.IntEnum):
 
 
 class ProtocolError(Exception):
-    """Raised by :func:`decode` (and by validators) for input that breaks the protocol."""
+    """Raised by :func:`decode` (and by validators) for input that breaks the protocol.
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    ``request`` is the datagram's request id when it could be read (so an ERROR reply
+    can echo it), else 0.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, request: int = 0) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.request = request
 
 
 def is_valid_name(name: object) -> bool:
@@ -513,13 +518,20 @@ def decode(data: bytes) -> AnyMessage:
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if type(m) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "a datagram must be a msgpack map")
+    request = m.get("r")
+    if type(request) is not int or not 0 <= request <= MAX_REQUEST_ID:
+        request = 0
     if m.get("v") != PROTOCOL_VERSION or type(m.get("v")) is not int:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {m.get('v')!r}")
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {m.get('v')!r}", request)
     kind = m.get("t")
     decoder = _DECODERS.get(kind) if type(kind) is int else None
     if decoder is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"message type {kind!r}")
-    return decoder(m)
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"message type {kind!r}", request)
+    try:
+        return decoder(m)
+    except ProtocolError as exc:
+        exc.request = request
+        raise
 
 
 # ---------------------------------------------------------------------------

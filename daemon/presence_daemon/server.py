@@ -218,7 +218,7 @@ class Server:
             msg = decode(data)
         except ProtocolError as exc:
             self.counters[f"rejected_{exc.code.name.lower()}"] += 1
-            self._reply(Error(0, exc.code), addr, limit=len(data))
+            self._reply(Error(exc.request, exc.code), addr, limit=len(data))
             return
         try:
             if type(msg) is Ping:
