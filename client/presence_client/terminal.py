@@ -79,7 +79,9 @@ def _server_type(text: str) -> Server:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(what: str, cast: Callable[[str], float]) -> Callable[[str], float]:
+def positive(what: str, cast: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse ``type`` accepting numbers > 0, naming ``what`` when refusing one."""
+
     def check(text: str) -> float:
         try:
             value = cast(text)
@@ -142,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plain", action="store_true", help="print one line per event")
     parser.add_argument(
         "--duration",
-        type=_positive("duration", float),
+        type=positive("duration", float),
         metavar="SECONDS",
         help="disconnect and exit after this many seconds",
     )
     parser.add_argument(
         "--connect-attempts",
-        type=_positive("connect attempts", int),
+        type=positive("connect attempts", int),
         default=8,
         metavar="N",
         help="attempts (along the server list) before giving up (default 8)",

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.text import Text
 
 from presence_client.sdk import Event, FriendEvent, PresenceClient, Server
+from presence_client.terminal import positive
 from presence_daemon.app import serve
 from presence_daemon.config import Config
 from presence_daemon.embedded import EmbeddedRedis
@@ -58,16 +59,6 @@ class _OneLineParser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (expected > 0)")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog=PROG,
@@ -79,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive("duration", float),
         default=20.0,
         metavar="SECONDS",
         help="how long the script takes (default 20); delays scale with it",
