@@ -977,3 +977,15 @@ async def test_reconcile_removes_entries_this_owner_no_longer_holds(
     await r.sadd(keys.owned_key("owner"), f"carol|c1|{lost.token}")
     assert await owner.reconcile(lambda token: token == kept.token) == 0
     assert await r.smembers(keys.owned_key("owner")) == {f"alice|a1|{kept.token}"}
+
+
+async def test_connecting_the_same_session_again_keeps_it_reapable(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    # What a daemon does when it registers its sessions again after losing its lease:
+    # the same token again must leave the owner-set member in place.
+    owner = await make_presence(instance_id="owner")
+    first = await owner.connected("a1", "alice")
+    again = await owner.connected("a1", "alice", token=first.token)
+    assert not again.went_online
+    assert await r.smembers(keys.owned_key("owner")) == {f"alice|a1|{first.token}"}

@@ -438,7 +438,7 @@ class Presence:
     # -- transitions ---------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` with every transition this instance decides; returns an
+        """Call ``listener`` with every transition this instance decides; returns a
         function that unsubscribes it. Listeners must not block."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
@@ -521,8 +521,8 @@ class Presence:
         bound: Any = None
         try:
             pipe = self.redis.pipeline(transaction=False)
-            if previous:
-                old_token, old_owner, _ = _entry(previous)
+            old_token, old_owner, _ = _entry(previous) if previous else (token, "", "")
+            if old_token != token:  # (the same session again keeps its member)
                 old_member = keys.owned_member(user, client_id, old_token)
                 pipe.srem(keys.owned_key(old_owner), old_member)
             pipe.get(keys.client_key(client_id))
