@@ -18,12 +18,11 @@ Run alone: ``.venv/bin/python bench/connect_rate.py [--duration S] [--clients N]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from loadgen import pin_pid, plan_cpus, run_loadgen, start_daemon
+from loadgen import bench_main, pin_pid, plan_cpus, run_loadgen, start_daemon
 from ping_rate import cpu_us
 
 from presence_daemon.embedded import EmbeddedRedis
@@ -114,13 +113,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    args = parser.parse_args(argv)
-    result = run(args)
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0
+    return bench_main(__doc__, add_arguments, run, report, argv)
 
 
 if __name__ == "__main__":

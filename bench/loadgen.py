@@ -72,6 +72,23 @@ Address = tuple[str, int]
 # Process plumbing (used by the benchmark scripts, in the parent process).
 
 
+def bench_main(
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    argv: Sequence[str] | None,
+) -> int:
+    """The command line every benchmark script shares: its flags plus ``--json``."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0
+
+
 def plan_cpus() -> tuple[int | None, int | None]:
     """(server cpu, load cpu): the first two CPUs this process may use, or Nones."""
     if not hasattr(os, "sched_getaffinity"):

@@ -18,12 +18,12 @@ Run alone: ``.venv/bin/python bench/ping_rate.py [--duration S] [--clients N]``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from loadgen import (
+    bench_main,
     pin_pid,
     plan_cpus,
     run_loadgen,
@@ -141,13 +141,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the raw result as JSON")
-    args = parser.parse_args(argv)
-    result = run(args)
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0
+    return bench_main(__doc__, add_arguments, run, report, argv)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,16 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
 
 @pytest_asyncio.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    """An asyncio redis-py client on the (flushed) session Redis."""
-    client = redis.asyncio.Redis.from_url(redis_url)
+    """An asyncio redis-py client on the (flushed) session Redis, answering str (as the
+    library's own client does)."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def r(redis_client: redis.asyncio.Redis) -> redis.asyncio.Redis:
+    """``redis_client`` under a short name, for tests that use it on nearly every line."""
+    return redis_client

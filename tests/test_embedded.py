@@ -72,4 +72,4 @@ def test_redis_url_fixture_flushes_again(redis_url: str) -> None:
 async def test_async_redis_client(redis_client: redis.asyncio.Redis) -> None:
     assert await redis_client.ping() is True
     await redis_client.set("a", "b")
-    assert await redis_client.get("a") == b"b"
+    assert await redis_client.get("a") == "b"

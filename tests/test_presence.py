@@ -817,15 +817,6 @@ async def test_too_many_friends(make_presence: MakePresence, r: Redis) -> None:
     assert (await p.connected("a1", "A", friends=["E", "F", "G"])).went_online
 
 
-@pytest_asyncio.fixture
-async def r(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 # ---------------------------------------------------------------------------
 # Leases: the clients of an owner that died are disconnected by a survivor.
 

@@ -42,15 +42,6 @@ class ScriptRunner:
 
 
 @pytest_asyncio.fixture
-async def r(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest_asyncio.fixture
 async def run(r: Redis) -> AsyncIterator[ScriptRunner]:
     scripts = Scripts()
     await scripts.load(r)

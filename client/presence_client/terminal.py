@@ -197,6 +197,10 @@ class LineSource:
         if self.buffer:
             chunk, self.buffer = self.buffer, b""
             return chunk
+        return self._read()
+
+    def _read(self) -> bytes:
+        """One ``os.read`` (blocking); b"" and ``eof`` set at end of input."""
         if self.eof:
             return b""
         try:
@@ -210,13 +214,7 @@ class LineSource:
     def readline(self) -> str | None:
         """The next line without its newline (blocking); None at end of input."""
         while b"\n" not in self.buffer and not self.eof:
-            try:
-                chunk = os.read(self.fd, 4096)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.eof = True
-            self.buffer += chunk
+            self.buffer += self._read()
         if not self.buffer:
             return None
         line, _, self.buffer = self.buffer.partition(b"\n")
