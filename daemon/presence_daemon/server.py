@@ -313,12 +313,16 @@ class Server:
             self.counters["refused_stopping"] += 1
             self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
             return
-        queue = self._queues[hash(client_id) % len(self._queues)]
+        queue = self._queue_for(client_id)
         try:
             queue.put_nowait(job)
         except asyncio.QueueFull:
             self.counters["dropped_overload"] += 1
             self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+
+    def _queue_for(self, client_id: str) -> asyncio.Queue[Job]:
+        """The one queue all of a client's jobs go through, so they run in order."""
+        return self._queues[hash(client_id) % len(self._queues)]
 
     # -- jobs (run by workers; may await Redis) --------------------------------------
 
@@ -553,7 +557,7 @@ class Server:
                 self._redis_failed(exc)
                 self._failed_removals.append(session)  # never lose a timeout: next sweep
 
-        queue = self._queues[hash(session.client_id) % len(self._queues)]
+        queue = self._queue_for(session.client_id)
         try:
             queue.put_nowait(remove)
         except asyncio.QueueFull:
@@ -578,7 +582,7 @@ class Server:
         self.counters["lease_lost"] += 1
         for session in list(self.by_token.values()):
             # Through the client's own queue, so it cannot overtake its disconnect.
-            queue = self._queues[hash(session.client_id) % len(self._queues)]
+            queue = self._queue_for(session.client_id)
             try:
                 queue.put_nowait(functools.partial(self._register_again, session))
             except asyncio.QueueFull:
