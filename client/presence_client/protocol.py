@@ -71,6 +71,7 @@ class MessageType(enum.IntEnum):
     SNAPSHOT = 10
     NOTIFY = 11
     ERROR = 12
+    GO_AWAY = 13
 
 
 class ErrorCode(enum.IntEnum):
@@ -102,6 +103,19 @@ class ErrorCode(enum.IntEnum):
 
 RETRYABLE_CODES: Final = frozenset({ErrorCode.TRY_AGAIN})
 """Codes after which the same request may succeed if sent again later."""
+
+
+class GoAwayReason(enum.IntEnum):
+    """Why a daemon asks a client to connect again (the ``w`` key of GO_AWAY).
+
+    A client treats a value it does not know as SHUTDOWN.
+    """
+
+    SHUTDOWN = 1
+    """The daemon is stopping: connect to another server now, same client id."""
+    STATE_LOST = 2
+    """The daemon's store lost its data: connect again (the same server is fine) and
+    declare the friend list again."""
 
 
 class FriendsOp(enum.IntEnum):
@@ -321,6 +335,17 @@ class Error(Message):
     """Why; see ErrorCode."""
 
 
+@dataclass(frozen=True, slots=True)
+class GoAway(Message):
+    """Daemon -> client: connect again, now. Keys ``s w``."""
+
+    TYPE = MessageType.GO_AWAY
+    session: bytes
+    """The session this is about (a client ignores a GO_AWAY for another session)."""
+    reason: int
+    """A GoAwayReason value; an unknown one means SHUTDOWN."""
+
+
 AnyMessage = (
     Connect
     | ConnectOk
@@ -334,6 +359,7 @@ AnyMessage = (
     | Snapshot
     | Notify
     | Error
+    | GoAway
 )
 
 # ---------------------------------------------------------------------------
@@ -501,6 +527,7 @@ _DECODERS: Final[dict[int, Callable[[dict[Any, Any]], AnyMessage]]] = {
     MessageType.SNAPSHOT: _decode_snapshot,
     MessageType.NOTIFY: lambda m: Notify(seq=_uint(m, "q"), friend=_friend_state(m.get("f"))),
     MessageType.ERROR: _decode_error,
+    MessageType.GO_AWAY: lambda m: GoAway(session=_session(m), reason=_uint(m, "w", 255)),
 }
 
 
@@ -583,6 +610,8 @@ def _fields(msg: Message) -> dict[str, object]:
             return {"q": msg.seq, "f": msg.friend.to_wire()}
         case Error():
             return {"r": msg.request, "e": int(msg.code)}
+        case GoAway():
+            return {"s": msg.session, "w": int(msg.reason)}
     raise TypeError(f"not a protocol message: {msg!r}")
 
 

@@ -10,16 +10,21 @@ backoff and jitter until answered; after a few silent attempts the client moves 
 next server in its list.
 
 Once connected, the client pings every ``ping_interval`` the daemon asked for. A
-missed reply is normal on UDP; when nothing has come back for ``FAILOVER_MISSED_PINGS``
-intervals, or the daemon says the session is unknown, the client connects again, to the
-next server, with the same client id (a reconnect that arrives in time keeps the user
-online without a flap).
+missed reply is normal on UDP, so an unanswered ping is repeated (``PROBES`` tries, a
+quarter interval apart); when none is answered, when the daemon's port is unreachable
+(ICMP), or when the daemon sends GO_AWAY (it is stopping), the client connects again,
+to the next server, with the same client id (a reconnect that arrives before the dead
+daemon is reaped keeps the user online without a flap). After UNKNOWN_SESSION it
+connects again to the same server; after GO_AWAY "state lost" it also declares its
+friend list again (the names it knows, if it keeps the stored list).
 
 The friend view is kept exactly right in the end even when datagrams are lost: every
 notification carries a per-session sequence number and every Pong the last one sent;
 a gap triggers a snapshot request. Each friend state carries its version, and a state
 is applied only if its version is not older than the one held, so late or reordered
-notifications and snapshots can be applied in any order.
+notifications and snapshots can be applied in any order. A complete snapshot (or a
+complete CONNECT_OK) lists every declared name: names it omits are no longer declared
+(another client of the user changed the list) and are dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from presence_client.protocol import (
     FriendsOk,
     FriendsOp,
     FriendState,
+    GoAway,
+    GoAwayReason,
     Message,
     Notify,
     Ping,
@@ -73,10 +80,13 @@ MAX_BACKOFF: Final = 4.0
 """Longest wait between two retries of one request, in seconds."""
 ATTEMPTS_PER_SERVER: Final = 3
 """Silent attempts at one server before trying the next one."""
-FAILOVER_MISSED_PINGS: Final = 3
+PROBES: Final = 3
+"""Pings sent, a probe interval apart, without any answer before failing over."""
+PROBE_INTERVAL: Final = (0.25, 1.0)
+"""A quarter of the ping interval, kept within these bounds (seconds): a dead daemon is
+left at most ping interval + 3 s after its last answer, with the default 5 s interval."""
 MIN_PING_INTERVAL: Final = 0.05
 """Never ping more often than this, whatever a daemon asks."""
-"""Ping intervals without any datagram from the daemon before reconnecting elsewhere."""
 
 
 class PresenceClientError(Exception):
@@ -129,8 +139,14 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.client._datagram_received(data)
 
     def error_received(self, exc: Exception) -> None:
-        # e.g. ICMP port unreachable: the daemon is not there; the ping loop notices.
+        # ICMP port unreachable: nothing listens there (the daemon stopped or died).
         log.debug("socket error: %s", exc)
+        if isinstance(exc, ConnectionRefusedError):
+            self.client._on_unreachable()
+
+
+class _Unreachable(Exception):
+    """The daemon's port answered with ICMP port unreachable."""
 
 
 M = TypeVar("M", bound=Message)
@@ -189,7 +205,9 @@ class PresenceClient:
         self._ping_task: asyncio.Task[None] | None = None
         self._repair_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
-        self._last_heard = 0.0
+        self._heard = asyncio.Event()
+        self._redeclare = False
+        self._names_in_flight: set[str] = set()
         self._closed = False
         self._next_request = secrets.randbelow(MAX_REQUEST_ID)
 
@@ -236,7 +254,11 @@ class PresenceClient:
         self._ping_task = asyncio.create_task(self._ping_loop())
 
     async def disconnect(self) -> None:
-        """Say goodbye to the daemon (retried a few times) and close the socket."""
+        """Say goodbye to the daemon (retried a few times) and close the socket.
+
+        The client is closed in any case; PresenceClientError is raised if the daemon
+        never acknowledged (it then drops the session after its timeout).
+        """
         self._closed = True
         for task in (self._ping_task, self._repair_task, self._reconnect_task):
             if task is not None:
@@ -244,17 +266,22 @@ class PresenceClient:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         session = self.session
+        error: PresenceClientError | None = None
         if session is not None and self._transport is not None:
-            with contextlib.suppress(PresenceClientError):
+            try:
                 await self._request(
                     lambda r: Disconnect(r, session),
                     (DisconnectOk,),
                     attempts=4,
                     ok_codes={ErrorCode.UNKNOWN_SESSION},
                 )
+            except PresenceClientError as exc:
+                error = exc
         self.session = None
         self._close_transport()
         self._emit(StatusEvent("disconnected", None))
+        if error is not None:
+            raise PresenceClientError(f"disconnect not acknowledged: {error}", error.code)
 
     async def add_friends(self, names: Iterable[str]) -> None:
         """Declare more friends."""
@@ -319,6 +346,8 @@ class PresenceClient:
                 except TimeoutError:
                     delay = min(delay * 2, self.max_backoff)
                     continue
+                except _Unreachable:
+                    break  # nothing listens there: no point in waiting for an answer
                 if isinstance(reply, Error):
                     if ok_codes and reply.code in ok_codes:
                         return reply
@@ -343,6 +372,8 @@ class PresenceClient:
         added = [] if op is FriendsOp.REMOVE else [n for n in wanted if n not in self.friends]
         for name in added:
             self.friends[name] = False
+        in_flight = set(wanted) - self._names_in_flight
+        self._names_in_flight |= in_flight  # a snapshot taken meanwhile may not know them
         try:
             if op is FriendsOp.SET:
                 request = self._new_request()
@@ -368,6 +399,8 @@ class PresenceClient:
                 if self.friends.pop(name, False):
                     self._emit(FriendEvent(name, False))
             raise
+        finally:
+            self._names_in_flight -= in_flight
         self._update_declared(op, wanted)
 
     def _update_declared(self, op: FriendsOp, names: list[str]) -> None:
@@ -409,6 +442,8 @@ class PresenceClient:
     async def _connect_once(self, attempts: int) -> None:
         """Connect to a server of the list, starting with the current one."""
         friends = tuple(self.declared) if self.declared is not None else None
+        if friends is None and self._redeclare:
+            friends = tuple(self.friends)  # the stored list was lost: declare what we know
         if (
             friends is not None
             and len(encode(Connect(0, self.client_id, self.user, friends))) > MAX_DATAGRAM
@@ -439,40 +474,66 @@ class PresenceClient:
                 self.server_index = (self.server_index + 1) % len(self.servers)
                 continue
             assert isinstance(reply, ConnectOk)
-            await self._on_connected(reply, friends_in_connect is None and friends is not None)
+            self._redeclare = False
+            await self._on_connected(
+                reply, friends_in_connect is None and friends is not None, friends
+            )
             return
         self._close_transport()
         raise last_error or PresenceClientError("no server answered")
 
-    async def _on_connected(self, reply: ConnectOk, send_friends: bool) -> None:
+    async def _on_connected(
+        self, reply: ConnectOk, send_friends: bool, friends: tuple[str, ...] | None
+    ) -> None:
         self.session = reply.session
         self.ping_interval = max(reply.ping_interval_ms / 1000, MIN_PING_INTERVAL)
         self.timeout = reply.timeout_ms / 1000
         self.last_seq = reply.seq
-        # Versions are only comparable within one Redis lifetime (an emptied Redis
-        # counts from 1 again): the connect reply and snapshot set a new baseline.
+        # Each session starts a new baseline of versions (protocol.md).
         self.versions.clear()
-        self._last_heard = asyncio.get_running_loop().time()
         # Prove our address at once (the daemon holds notifications until then).
         self._send_bytes(encode(Ping(reply.session)))
+        if reply.complete and not send_friends:
+            self._adopt_names(state.name for state in reply.friends)
         for state in reply.friends:
             self._apply(state)
         self._emit(StatusEvent("connected", self.server))
-        if send_friends and self.declared is not None:
-            await self.set_friends(self.declared)
+        if send_friends and friends is not None:
+            await self.set_friends(friends)
         if not reply.complete:
             self._schedule_repair()
 
     async def _ping_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._closed:
             await asyncio.sleep(self.ping_interval)
             if self._reconnect_task is not None and not self._reconnect_task.done():
                 continue  # a reconnect is under way; it restarts the pings by succeeding
-            silent = loop.time() - self._last_heard
-            if self.session is not None and silent < FAILOVER_MISSED_PINGS * self.ping_interval:
-                self._send_bytes(encode(Ping(self.session)))
+            if self.session is None or not await self._probe(self.session):
+                self._start_reconnect(next_server=True)
+
+    async def _probe(self, session: bytes) -> bool:
+        """Ping until anything arrives from the daemon; False after PROBES silent tries."""
+        low, high = PROBE_INTERVAL
+        wait = min(max(self.ping_interval / 4, low), high)
+        for _ in range(PROBES):
+            if self.session != session:
+                return True  # a reconnect replaced the session meanwhile
+            self._heard.clear()
+            self._send_bytes(encode(Ping(session)))
+            try:
+                await asyncio.wait_for(self._heard.wait(), wait)
+                return True
+            except TimeoutError:
                 continue
+        return False
+
+    def _on_unreachable(self) -> None:
+        """ICMP port unreachable: fail the requests waiting on this server at once, and
+        move a live session to the next server."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(_Unreachable())
+        if self.session is not None:
             self._start_reconnect(next_server=True)
 
     def _start_reconnect(self, *, next_server: bool) -> None:
@@ -514,7 +575,7 @@ class PresenceClient:
         except ProtocolError as exc:
             log.debug("dropped a bad datagram: %s", exc)
             return
-        self._last_heard = asyncio.get_running_loop().time()
+        self._heard.set()
         if type(msg) is Pong:
             if msg.seq > self.last_seq:
                 self._schedule_repair()
@@ -522,6 +583,11 @@ class PresenceClient:
             self._on_notify(msg)
         elif type(msg) is Snapshot:
             self._on_snapshot_part(msg)
+        elif type(msg) is GoAway:
+            if self.session is not None and msg.session == self.session:
+                lost = msg.reason == GoAwayReason.STATE_LOST
+                self._redeclare = self._redeclare or lost
+                self._start_reconnect(next_server=not lost)
         elif (
             type(msg) is Error
             and msg.code is ErrorCode.UNKNOWN_SESSION
@@ -553,6 +619,7 @@ class PresenceClient:
         parts[msg.part] = msg
         if len(parts) < msg.parts:
             return
+        self._adopt_names(state.name for part in parts.values() for state in part.friends)
         for part in parts.values():
             for state in part.friends:
                 self._apply(state)
@@ -567,6 +634,22 @@ class PresenceClient:
     async def _repair(self) -> None:
         with contextlib.suppress(PresenceClientError):
             await self.refresh()
+
+    def _adopt_names(self, names: Iterable[str]) -> None:
+        """A complete list of the user's declared names arrived (snapshot, CONNECT_OK):
+        drop the names it omits (another client of the user removed them) unless a
+        change of ours to them is in flight, and learn the ones it adds (the list is
+        the user's, shared by all its clients: the last change wins)."""
+        listed = set(names)
+        for name in list(self.friends):
+            if name not in listed and name not in self._names_in_flight:
+                self.versions.pop(name, None)
+                if self.friends.pop(name):
+                    self._emit(FriendEvent(name, False))
+        for name in listed:
+            self.friends.setdefault(name, False)
+        if self.declared is not None:
+            self.declared = list(self.friends)
 
     def _apply(self, state: FriendState) -> None:
         """Apply a friend state unless we already hold a newer one."""

@@ -16,11 +16,9 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
-
 from presence_daemon.config import Config
 from presence_daemon.embedded import EmbeddedRedis
-from presence_daemon.presence import Presence
+from presence_daemon.presence import InstanceIdInUse, Presence, redis_client
 from presence_daemon.server import Address, Server
 
 log = logging.getLogger("presence_daemon")
@@ -90,13 +88,9 @@ async def serve(
         embedded.start()
         redis_url = embedded.url
         log.info("started embedded redis-server at %s", redis_url)
-    # A blocking pool: under load a job waits for a connection instead of failing.
-    pool = BlockingConnectionPool.from_url(
-        redis_url, decode_responses=True, max_connections=config.workers + 16, timeout=10
-    )
     presence = Presence(
-        Redis.from_pool(pool),
-        instance_id=config.resolved_instance_id,
+        redis_client(redis_url, max_connections=config.workers + 16, timeout=config.redis_timeout),
+        instance_id=config.pick_instance_id(),
         max_friends=config.max_friends,
         lease_ttl=config.lease_ttl,
     )
@@ -154,6 +148,9 @@ def run(config: Config) -> int:
     )
     try:
         _run_with_uvloop(serve(config))
+    except InstanceIdInUse as exc:
+        print(f"presence-daemon: error: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ConnectionError) as exc:
         print(f"presence-daemon: error: {exc}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import math
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -47,11 +48,18 @@ class Config:
     """Seconds without a datagram after which a client is dropped."""
     sweep_interval: float = 0.5
     """Seconds between timeout sweeps."""
-    lease_ttl: float = 5.0
+    lease_ttl: float = 10.0
     """Seconds this daemon's lease lives unless renewed; after that, a surviving daemon
-    disconnects the clients it held (it is presumed dead)."""
+    disconnects the clients it held (it is presumed dead). Longer than clients take to
+    notice a dead daemon and fail over (ping interval + 3 probes), so those that fail
+    over never flap (see docs/design.md, timing model)."""
+    redis_timeout: float = 2.0
+    """Seconds a Redis call may take before the request fails with TRY_AGAIN."""
+    drain_grace: float = 3.0
+    """Seconds a stopping daemon gives its clients (sent GO_AWAY) to move to another
+    daemon before it removes the rest; 0 removes them at once."""
     instance_id: str = ""
-    """This daemon's name in Redis (owner of its clients); empty picks host-pid."""
+    """This daemon's name in Redis (owner of its clients); empty picks host-random."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
     workers: int = 64
@@ -73,7 +81,7 @@ class Config:
             self.redis_url,
             "a redis://, rediss:// or unix:// URL",
         )
-        for name in ("ping_interval", "timeout", "sweep_interval", "lease_ttl"):
+        for name in ("ping_interval", "timeout", "sweep_interval", "lease_ttl", "redis_timeout"):
             value = getattr(self, name)
             _check(
                 math.isfinite(value) and MIN_SECONDS <= value <= MAX_SECONDS,
@@ -88,6 +96,12 @@ class Config:
             f"seconds > ping-interval ({self.ping_interval})",
         )
         _check(
+            math.isfinite(self.drain_grace) and 0 <= self.drain_grace <= 600,
+            "drain-grace",
+            self.drain_grace,
+            "seconds from 0 to 600",
+        )
+        _check(
             self.instance_id == "" or is_valid_name(self.instance_id),
             "instance-id",
             self.instance_id,
@@ -98,13 +112,18 @@ class Config:
         _check(1 <= self.queue_size <= 1_000_000, "queue-size", self.queue_size, "1-1000000")
         _check(1 <= self.max_friends <= 100_000, "max-friends", self.max_friends, "1-100000")
 
-    @property
-    def resolved_instance_id(self) -> str:
-        """The instance id, or host-pid if none was set."""
+    def pick_instance_id(self) -> str:
+        """The instance id, or a new host-random one if none was set.
+
+        Random, not the PID: two containers on one host (or host networking) both run
+        the daemon as PID 1. A daemon that restarts with a new id leaves its
+        predecessor's clients to be reaped once that lease expires; set a fixed id to
+        have them cleared at start instead.
+        """
         if self.instance_id:
             return self.instance_id
         host = "".join(c if is_valid_name(c) else "-" for c in socket.gethostname())[:40]
-        return f"{host or 'daemon'}-{os.getpid()}"
+        return f"{host or 'daemon'}-{secrets.token_hex(4)}"
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
@@ -127,6 +146,8 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "timeout": float,
     "sweep_interval": float,
     "lease_ttl": float,
+    "redis_timeout": float,
+    "drain_grace": float,
     "workers": int,
     "queue_size": int,
     "max_friends": int,
@@ -185,7 +206,9 @@ _FIELD_HELP: Final = {
     "sweep_interval": "seconds between timeout sweeps",
     "lease_ttl": "seconds before a daemon that stopped renewing its lease is presumed dead "
     "and its clients are disconnected by a survivor",
-    "instance_id": "this daemon's name in Redis; default host-pid",
+    "redis_timeout": "seconds a Redis call may take before the request gets TRY_AGAIN",
+    "drain_grace": "seconds a stopping daemon gives its clients to move elsewhere (0: none)",
+    "instance_id": "this daemon's name in Redis; default host-random",
     "log_level": "debug, info, warning or error",
     "workers": "concurrent Redis operations",
     "queue_size": "pending Redis operations per worker before TRY_AGAIN",

@@ -13,14 +13,26 @@ from typing import Final
 PREFIX: Final = "presence"
 
 
-def user_keys(user: str) -> tuple[str, str, str, str]:
-    """The four keys every per-user script takes, in the order the scripts expect.
+def user_keys(user: str) -> tuple[str, str, str, str, str]:
+    """The five keys every per-user script takes, in the order the scripts expect.
 
     ``clients`` (hash client id -> "token|owner|address"), ``version`` (string),
-    ``friends`` (set: whom the user declared), ``fans`` (set: who declared the user).
+    ``friends`` (set: whom the user declared), ``fans`` (set: who declared the user),
+    ``pending`` (string "online|version": a decided transition not yet confirmed told).
     """
     tag = f"{PREFIX}:{{{user}}}"
-    return (f"{tag}:clients", f"{tag}:version", f"{tag}:friends", f"{tag}:fans")
+    return (
+        f"{tag}:clients",
+        f"{tag}:version",
+        f"{tag}:friends",
+        f"{tag}:fans",
+        f"{tag}:pending",
+    )
+
+
+def pending_key(user: str) -> str:
+    """The user's outbox: "online|version" of a decided transition not yet confirmed told."""
+    return f"{PREFIX}:{{{user}}}:pending"
 
 
 def clients_key(user: str) -> str:
@@ -50,6 +62,11 @@ OWNERS_KEY: Final = f"{PREFIX}:owners"
 def lease_key(instance_id: str) -> str:
     """String with a TTL that exists while the owner ``instance_id`` is alive."""
     return f"{PREFIX}:owner:{{{instance_id}}}:lease"
+
+
+def marker_key(instance_id: str) -> str:
+    """String with a long TTL, refreshed with the lease: gone only if Redis lost its data."""
+    return f"{PREFIX}:owner:{{{instance_id}}}:marker"
 
 
 def owned_key(instance_id: str) -> str:

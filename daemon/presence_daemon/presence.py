@@ -31,6 +31,23 @@ changed friend) happens after the atomic decision, as pipelined calls. Notificat
 are handed to the ``deliver`` callback as :class:`Delivery` records; the daemon routes
 them to the daemon that owns each client. Transitions decided by this instance go to
 listeners registered with :meth:`Presence.subscribe` or :meth:`Presence.transitions`.
+
+Told at least once: the script that decides a transition also writes it to the user's
+outbox (``pending``, same hash tag, so the decision and the record are one atomic
+write). Telling is confirmed (``told.lua``) only after every mutual friend's owner has
+been handed the news. Until then every later connect or disconnect of that user, and
+so every retry, reap or reconciliation, reads the outbox back and tells it again: a
+decision whose answer was lost, or whose decider died, still reaches every friend.
+Versions make a repeat harmless, and versions never fall below the wall clock (in ms),
+so they keep growing even across a Redis that restarted empty.
+
+Fencing: an owner's lease is renewed by ``lease.lua``, which never re-creates a lapsed
+lease and answers with the moment (on Redis's clock) the lease runs out. Every connect
+carries that moment; ``connect.lua`` refuses to write once it has passed. So a write
+delayed in a socket, or sent by a stalled or partitioned owner, cannot land after a
+survivor may have reaped that owner's clients. An owner whose lease lapsed takes a new
+one and is asked (``on_lease_lost``) to put back the sessions it still holds; putting
+back (``restore``) never replaces a newer session of the same client id.
 """
 
 from __future__ import annotations
@@ -47,7 +64,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError, check_name
@@ -59,8 +79,20 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_FRIENDS: Final = 1000
 STALE_BINDING_AFTER: Final = 10.0
 """Seconds before a client id's binding with no connected entry may go to another user."""
-DEFAULT_LEASE_TTL: Final = 5.0
-"""Seconds an owner's lease lives unless renewed; survivors reap its clients after."""
+DEFAULT_LEASE_TTL: Final = 10.0
+"""Seconds an owner's lease lives unless renewed; survivors reap its clients after. Longer
+than a client needs to notice a dead daemon and fail over (see docs/design.md)."""
+LEASE_RENEW_INTERVAL: Final = 1.0
+"""Seconds between renewals (a third of the TTL if that is shorter)."""
+MARKER_TTL: Final = 86_400.0
+"""Seconds an owner's marker outlives its last renewal (it tells a lapse from data loss)."""
+FENCE_MARGIN: Final = 0.5
+"""Seconds before the lease runs out at which writes stop (a tenth of the TTL if that
+is shorter): room for clock differences between the nodes of a cluster."""
+DEFAULT_REDIS_TIMEOUT: Final = 2.0
+"""Seconds a Redis call may take before it fails (its effect may still happen later)."""
+DEFAULT_MAX_CONNECTIONS: Final = 64
+"""Redis connections of a library instance's own pool; further calls wait for one."""
 REAP_BATCH: Final = 100
 """Clients of a dead owner listed per round trip while reaping."""
 REAP_CONCURRENCY: Final = 16
@@ -68,8 +100,9 @@ REAP_CONCURRENCY: Final = 16
 CLOSE_GRACE: Final = 2.5
 """Seconds close() waits for pending fan-out retries."""
 LEASE_ERROR_LOG_INTERVAL: Final = 5.0
-FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.5, 2.0)
-"""Seconds before each background retry of a fan-out that hit a Redis error."""
+FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
+"""Seconds before each background retry of a fan-out that hit a Redis error; the last
+one repeats until Redis answers or the instance closes."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
 
 
@@ -79,6 +112,45 @@ class PresenceError(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
+
+
+class Superseded(PresenceError):
+    """A session could not be put back: the client id has a newer session (elsewhere)."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(ErrorCode.UNKNOWN_SESSION, f"client id {client_id!r} has a newer session")
+
+
+class InstanceIdInUse(RuntimeError):
+    """Another live process holds this instance id's lease."""
+
+
+def redis_client(
+    url: str,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    timeout: float = DEFAULT_REDIS_TIMEOUT,
+) -> Redis:
+    """A Redis client configured the way the presence library needs it.
+
+    A blocking pool (a call waits, up to ``timeout`` more, for a free connection instead
+    of raising "too many connections"); every call fails after ``timeout`` seconds
+    instead of hanging on a stalled server; a call on a connection that turns out to be
+    dead (Redis restarted) is sent again on a fresh one (every script is idempotent, so
+    a repeat is harmless).
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        decode_responses=True,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # Only a dead connection is worth a second try: a timeout means Redis is slow or
+        # unreachable, and the caller's own retry (the client's) is the better judge.
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, (RedisConnectionError,)),
+    )
+    return Redis.from_pool(pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +203,30 @@ def _names(names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(check_name(name, "friend name") for name in names))
 
 
-def parse_inbox(data: str | bytes) -> list[Delivery]:
-    """The deliveries in one inbox message (see :meth:`Presence.publish`) for the owner
-    that received it; raises ValueError if the message is malformed."""
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """A session of a client this owner held was replaced through another owner."""
+
+    client_id: str
+    """The client that connected again elsewhere."""
+    token: str
+    """The session (hex) that ended: its holder should forget it."""
+
+
+def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
+    """The deliveries and replaced sessions in one inbox message (see
+    :meth:`Presence.publish`) for the owner that received it; raises ValueError if the
+    message is malformed."""
     try:
-        items = json.loads(data)
-        return [
-            Delivery("", check_name(c, "client id"), str(t), FriendState(str(n), bool(o), int(v)))
-            for c, t, n, o, v in items
-        ]
+        deliveries, replaced = [], []
+        for item in json.loads(data):
+            if len(item) == 2:
+                replaced.append(Replaced(check_name(item[0], "client id"), str(item[1])))
+                continue
+            c, t, n, o, v = item
+            friend = FriendState(str(n), bool(o), int(v))
+            deliveries.append(Delivery("", check_name(c, "client id"), str(t), friend))
+        return deliveries, replaced
     except (TypeError, ValueError, ProtocolError) as exc:
         raise ValueError(f"malformed inbox message: {exc}") from None
 
@@ -157,14 +244,19 @@ def _entry(value: Any) -> tuple[str, str, str]:
 class Presence:
     """Presence state in Redis for any asyncio program.
 
-    ``redis`` is a ``redis.asyncio.Redis`` client. ``instance_id`` names this process as
-    the owner of the clients it connects. ``deliver`` receives every notification that a
-    change decided here causes; by default (:meth:`publish`) each goes to the inbox
-    channel of the owner of the client it is for. An owner that holds clients of its own
-    (a WebSocket backend, say) subscribes to ``keys.inbox_channel(instance_id)`` and reads
-    what arrives with :func:`parse_inbox`.
-    ``clock`` (wall-clock seconds) dates client-id bindings; see ``stale_binding_after``.
-    Call :meth:`start` once before use (it loads the Lua scripts).
+    ``redis`` is a ``redis.asyncio.Redis`` client (see :func:`redis_client`).
+    ``instance_id`` names this process as the owner of the clients it connects.
+    ``deliver`` receives every notification that a change decided here causes; by
+    default (:meth:`publish`) each goes to the inbox channel of the owner of the client
+    it is for. An owner that holds clients of its own (a WebSocket backend, say)
+    subscribes to ``keys.inbox_channel(instance_id)`` and reads what arrives with
+    :func:`parse_inbox`. ``clock`` (wall-clock seconds) dates client-id bindings (see
+    ``stale_binding_after``) and seeds versions. ``on_lease_lost(state_lost)`` is
+    awaited when the lease was found lapsed (``state_lost``: Redis forgot this owner
+    altogether, so friend lists may be gone too). Call :meth:`start` once before use.
+
+    Calls for one client id take effect in the order they were made (each waits for
+    the one before it); calls for different client ids run concurrently.
     """
 
     def __init__(
@@ -176,7 +268,7 @@ class Presence:
         deliver: Deliver | None = None,
         stale_binding_after: float = STALE_BINDING_AFTER,
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
-        on_lease_lost: Callable[[], Awaitable[None]] | None = None,
+        on_lease_lost: Callable[[bool], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -190,9 +282,11 @@ class Presence:
         self._clock_offset = 0.0
         self.scripts = Scripts()
         self.fan_out_failures = 0
-        """Fan-outs given up after every retry (their clients repair by snapshot later)."""
+        """Fan-out attempts that hit a Redis error (each is retried until it succeeds)."""
         self.reaped = 0
         """Clients of dead owners this instance disconnected."""
+        self.retold = 0
+        """Transitions told again because their first telling was not confirmed."""
         self._listeners: list[Listener] = []
         self._retries: set[asyncio.Task[None]] = set()
         self.lease_losses = 0
@@ -202,21 +296,26 @@ class Presence:
         leftovers: a stale binding passes on after ``stale_binding_after``, a stale
         owner-set member is dropped by the next reap or restart)."""
         self._lease_tasks: list[asyncio.Task[None]] = []
-        self._lease_nonce = ""
+        self._lease_token = ""
+        self.fence_ms = 0
+        """When the lease runs out (ms, Redis's clock), less a margin; 0 without a lease.
+        Every connect carries it, and Redis refuses it once that moment has passed."""
         self._last_lease_error = -LEASE_ERROR_LOG_INTERVAL
+        self._client_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Presence:
-        """Build a Presence with its own Redis client for ``url``."""
-        return cls(Redis.from_url(url, decode_responses=True), **kwargs)
+        """Build a Presence with its own Redis client for ``url`` (see :func:`redis_client`)."""
+        return cls(redis_client(url), **kwargs)
 
     async def start(self) -> None:
         """Load the Lua scripts and, with a lease, take it and keep it.
 
-        Raises if Redis is unreachable or a script is broken, and RuntimeError if a live
-        process holds this instance id. A lease left by a dead process of the same id is
-        waited out (at most one TTL); then the clients it left in Redis are disconnected
-        (this process holds none of them) and dead owners are reaped from then on.
+        Raises if Redis is unreachable or a script is broken, and InstanceIdInUse if a
+        live process holds this instance id. A lease left by a dead process of the same
+        id is waited out (at most one TTL); then the clients it left in Redis are
+        disconnected (this process holds none of them) and dead owners are reaped from
+        then on.
         """
         await self.scripts.load(self.redis)
         seconds, micros = await self.redis.time()
@@ -249,7 +348,7 @@ class Presence:
             _, pending = await asyncio.wait(set(self._retries), timeout=CLOSE_GRACE)
             for task in pending:
                 task.cancel()
-        if self.lease_ttl is not None and self._lease_nonce:
+        if self.lease_ttl is not None and self._lease_token:
             try:
                 await self._give_up_lease()
             except (RedisError, OSError) as exc:
@@ -260,6 +359,22 @@ class Presence:
         """Wall-clock seconds as Redis sees them (our clock, corrected at start())."""
         return self.clock() + self._clock_offset
 
+    def _now_ms(self) -> int:
+        return round(self.now() * 1000)
+
+    @contextlib.asynccontextmanager
+    async def _in_order(self, client_id: str) -> AsyncIterator[None]:
+        """Run the body after every earlier call for ``client_id`` (FIFO, per client)."""
+        lock = self._client_locks.get(client_id)
+        if lock is None:
+            lock = self._client_locks[client_id] = asyncio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._client_locks.get(client_id) is lock:
+                del self._client_locks[client_id]
+
     # -- leases: a survivor disconnects the clients of an owner that died -------------
 
     @property
@@ -267,68 +382,109 @@ class Presence:
         assert self.lease_ttl is not None
         return max(1, round(self.lease_ttl * 1000))
 
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between lease renewals."""
+        return min(LEASE_RENEW_INTERVAL, self._lease_ms / 3000)
+
+    async def _lease_call(self, mode: str) -> tuple[int, int]:
+        status, value = await self.scripts.call(
+            self.redis,
+            "lease",
+            [keys.lease_key(self.instance_id), keys.marker_key(self.instance_id)],
+            [self._lease_token, self._lease_ms, mode, round(MARKER_TTL * 1000)],
+        )
+        if status == 1:
+            margin = min(FENCE_MARGIN * 1000, self._lease_ms / 10)
+            self.fence_ms = int(value) - round(margin)
+        return int(status), int(value)
+
     async def _take_lease(self) -> None:
-        """Take the lease for this instance id, waiting out one a dead process left."""
-        key = keys.lease_key(self.instance_id)
-        self._lease_nonce = secrets.token_hex(8)
+        """Take the lease for this instance id, waiting out one a dead process left.
+
+        A live holder renews its lease every ``renew_interval``: a time to live that
+        goes up between two looks proves it, and InstanceIdInUse is raised at once.
+        """
+        self._lease_token = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2 * self._lease_ms / 1000 + 1
-        while not await self.redis.set(key, self._lease_nonce, px=self._lease_ms, nx=True):
-            if loop.time() > deadline:
-                raise RuntimeError(
-                    f"instance id {self.instance_id!r} is in use: another live process "
-                    "keeps renewing its lease"
+        deadline = loop.time() + self._lease_ms / 1000 + 1
+        last_ttl: int | None = None
+        while True:
+            status, ttl = await self._lease_call("take")
+            if status == 1:
+                break
+            if (last_ttl is not None and ttl > last_ttl) or loop.time() > deadline:
+                raise InstanceIdInUse(
+                    f"instance id {self.instance_id!r} is in use by another live process"
                 )
-            remaining = await self.redis.pttl(key)
-            await asyncio.sleep(min(max(remaining, 10), self._lease_ms) / 1000)
+            last_ttl = ttl
+            await asyncio.sleep(min(max(ttl, 10), 100) / 1000)
         await self.redis.sadd(keys.OWNERS_KEY, self.instance_id)
 
     async def renew_lease(self) -> bool:
         """Renew the lease (and the registration); False if it had been lost meanwhile.
 
-        A lost lease (it expired during a stall or a Redis outage, or was taken) means a
-        survivor may have reaped this instance's clients: ``on_lease_lost`` is called so
-        the owner can register them again.
+        A lost lease (it lapsed during a stall, a partition or a Redis outage, or Redis
+        lost its data) means a survivor may have reaped this instance's clients: a new
+        lease is taken at once and ``on_lease_lost`` is called so the owner can put its
+        sessions back.
         """
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(keys.lease_key(self.instance_id), self._lease_nonce, px=self._lease_ms, get=True)
+        self.scripts.queue(
+            pipe,
+            "lease",
+            [keys.lease_key(self.instance_id), keys.marker_key(self.instance_id)],
+            [self._lease_token, self._lease_ms, "renew", round(MARKER_TTL * 1000)],
+        )
         pipe.sadd(keys.OWNERS_KEY, self.instance_id)
-        previous, _ = await pipe.execute()
-        if previous is not None and _text(previous) == self._lease_nonce:
+        result, _ = await pipe.execute(raise_on_error=False)
+        if isinstance(result, NoScriptError):
+            await self.scripts.load(self.redis)
+            return await self.renew_lease()
+        if isinstance(result, Exception):
+            raise result
+        status, value = int(result[0]), int(result[1])
+        if status == 1:
+            margin = min(FENCE_MARGIN * 1000, self._lease_ms / 10)
+            self.fence_ms = value - round(margin)
             return True
+        state_lost = status == 3
         self.lease_losses += 1
         log.error(
-            "lease of %s was lost (stall or Redis outage longer than %.1f s): its clients "
-            "may have been reaped%s",
+            "lease of %s was lost (%s): its clients may have been reaped%s",
             self.instance_id,
-            self._lease_ms / 1000,
-            "; registering them again" if self.on_lease_lost else "",
+            "Redis lost its data"
+            if state_lost
+            else f"stall, partition or Redis outage longer than {self._lease_ms / 1000:.1f} s",
+            "; putting them back" if self.on_lease_lost else "",
         )
+        self._lease_token = secrets.token_hex(8)
+        await self._lease_call("take")
         if self.on_lease_lost is not None:
-            self._background(self.on_lease_lost())
+            self._background(self.on_lease_lost(state_lost))
         return False
 
     async def _give_up_lease(self) -> None:
         """Clean stop: drop our lease, and the registration if nothing is owned any more."""
         key = keys.lease_key(self.instance_id)
-        if _text(await self.redis.get(key) or "") == self._lease_nonce:
-            await self.redis.delete(key)
+        if _text(await self.redis.get(key) or "") == self._lease_token:
+            await self.redis.delete(key, keys.marker_key(self.instance_id))
         if not await self.redis.scard(keys.owned_key(self.instance_id)):
             await self.redis.srem(keys.OWNERS_KEY, self.instance_id)
 
     async def _renew_forever(self) -> None:
-        """Renew three times a TTL, in a task of its own: a long reap never delays it."""
+        """Renew about once a second, in a task of its own: a long reap never delays it."""
         while True:
-            await asyncio.sleep(self._lease_ms / 3000)
+            await asyncio.sleep(self.renew_interval)
             try:
                 await self.renew_lease()
             except Exception as exc:  # keep renewing whatever happens: lapsing is worse
                 self._log_lease_error("renewing the lease", exc)
 
     async def _reap_forever(self) -> None:
-        """Look for dead owners once a TTL."""
+        """Look for dead owners as often as the lease is renewed."""
         while True:
-            await asyncio.sleep(self._lease_ms / 1000)
+            await asyncio.sleep(self.renew_interval)
             try:
                 await self.reap_dead()
             except Exception as exc:
@@ -356,19 +512,25 @@ class Presence:
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
-    async def reconcile(self, is_held: Callable[[str], bool]) -> int:
+    async def reconcile(
+        self, is_held: Callable[[str], bool], *, listed: set[str] | None = None
+    ) -> int:
         """Disconnect every client this instance owns in Redis but does not hold.
 
         ``is_held(token)`` says whether a session token is live in this process. Such
         leftovers come from operations whose outcome was lost (a connect whose reply
-        never came back from Redis). Cost: one SSCAN pass over this owner's set.
-        Returns how many entries were removed.
+        never came back from Redis). Cost: one SSCAN pass over this owner's set. The
+        tokens of every member seen are added to ``listed`` if given, so the caller can
+        find the sessions it holds that Redis no longer lists. Returns how many entries
+        were removed.
         """
         owned = keys.owned_key(self.instance_id)
         removed = 0
         async for raw in self.redis.sscan_iter(owned, count=500):
             member = _text(raw)
             user, client_id, token = member.split("|", 2)
+            if listed is not None:
+                listed.add(token)
             if is_held(token):
                 continue
             if await self.disconnected(client_id, user=user, token=token):
@@ -378,6 +540,17 @@ class Presence:
         if removed:
             log.warning("reconcile: removed %d client entries this process no longer held", removed)
         return removed
+
+    async def live_owners(self) -> list[str]:
+        """The other registered owners whose lease is held (alive, as far as Redis knows)."""
+        owners = sorted(_text(o) for o in await self.redis.smembers(keys.OWNERS_KEY))
+        owners = [o for o in owners if o != self.instance_id]
+        if not owners:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(keys.lease_key(owner))
+        return [o for o, alive in zip(owners, await pipe.execute(), strict=True) if alive]
 
     async def reap_dead(self) -> int:
         """Disconnect the clients of every registered owner whose lease has expired;
@@ -477,12 +650,17 @@ class Presence:
         friends: Iterable[str] | None = None,
         address: str = "",
         token: str | None = None,
+        restore: bool = False,
     ) -> Connection:
         """Mark ``client_id`` of ``user`` connected (idempotent per session).
 
-        ``friends``, if given, replaces the user's declared friend list first. Raises
-        PresenceError(CLIENT_ID_IN_USE) if the client id is connected for another user,
-        PresenceError(INVALID_NAME) or (TOO_MANY_FRIENDS) for bad arguments.
+        ``friends``, if given, replaces the user's declared friend list first. With
+        ``restore`` (and the ``token`` of a session this owner held), the session is put
+        back only if the client id has no session or that same one in Redis: Superseded
+        is raised if it has a newer one. Raises PresenceError(CLIENT_ID_IN_USE) if the
+        client id is connected for another user, PresenceError(INVALID_NAME) or
+        (TOO_MANY_FRIENDS) for bad arguments, and PresenceError(TRY_AGAIN) if this
+        owner's lease ran out before the write reached Redis (nothing was written).
         """
         check_name(client_id, "client id")
         check_name(user, "user name")
@@ -490,34 +668,62 @@ class Presence:
             friends = self._check_friends(friends)
         if token is not None and not _TOKEN_RE.fullmatch(token):
             raise ValueError("a session token is 8 to 64 hex digits")
+        if restore and token is None:
+            raise ValueError("restore needs the token of the session to put back")
         token = token or secrets.token_hex(16)
+        async with self._in_order(client_id):
+            return await self._connect(client_id, user, friends, address, token, restore)
+
+    async def _connect(
+        self,
+        client_id: str,
+        user: str,
+        friends: list[str] | None,
+        address: str,
+        token: str,
+        restore: bool,
+    ) -> Connection:
         member = keys.owned_member(user, client_id, token)
+        owned = keys.owned_key(self.instance_id)
         # Recorded before the entry exists, so a survivor can reap it if we die after.
-        await self.redis.sadd(keys.owned_key(self.instance_id), member)
+        await self.redis.sadd(owned, member)
         entry_may_exist = False
         try:
-            await self._claim(client_id, user, token)
+            if not restore:
+                await self._claim(client_id, user, token)
             if friends is not None:
                 await self._change_friends(user, "set", friends)
             entry_may_exist = True
-            went_online, version, mutual, previous = await self.scripts.call(
+            status, went_online, version, previous, pending = await self.scripts.call(
                 self.redis,
                 "connect",
                 keys.user_keys(user),
-                [client_id, f"{token}|{self.instance_id}|{address}"],
+                [
+                    client_id,
+                    f"{token}|{self.instance_id}|{address}",
+                    self._now_ms(),
+                    self.fence_ms,
+                    "restore" if restore else "connect",
+                ],
             )
+            if status != 1:
+                entry_may_exist = False  # refused: the script wrote nothing
+                if status == 2:
+                    raise Superseded(client_id)
+                raise PresenceError(ErrorCode.TRY_AGAIN, "this owner's lease ran out")
         except BaseException:
             # If the connect script may have run (its answer lost), the member stays so
             # the entry can still be found and removed (reconcile(), reap, restart).
             if not entry_may_exist:
                 with contextlib.suppress(RedisError, OSError):
-                    await self.redis.srem(keys.owned_key(self.instance_id), member)
+                    await self.redis.srem(owned, member)
             raise
         # From here on the entry exists: nothing may stop its transition being told.
-        # Take the replaced entry out of its owner's set, and read the binding back: it
-        # lives under another tag, so a concurrent connect of this client id for
-        # another user may have taken it over before our entry landed; the binding
-        # decides, and the loser undoes its entry.
+        # Take the replaced entry out of its owner's set (and tell that owner, so it
+        # forgets the session), and read the binding back: it lives under another tag,
+        # so a concurrent connect of this client id for another user may have taken it
+        # over before our entry landed; the binding decides, and the loser undoes its
+        # entry. A restored session binds itself again (a reaper may have unbound it).
         bound: Any = None
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -525,15 +731,27 @@ class Presence:
             if old_token != token:  # (the same session again keeps its member)
                 old_member = keys.owned_member(user, client_id, old_token)
                 pipe.srem(keys.owned_key(old_owner), old_member)
-            pipe.get(keys.client_key(client_id))
-            bound = (await pipe.execute())[-1]
+                if old_owner != self.instance_id:
+                    message = json.dumps([[client_id, old_token]], separators=(",", ":"))
+                    pipe.publish(keys.inbox_channel(old_owner), message)
+            if restore:
+                self.scripts.queue(
+                    pipe,
+                    "claim",
+                    [keys.client_key(client_id)],
+                    [user, token, self._now_ms(), "", round(self.stale_binding_after * 1000)],
+                )
+            else:
+                pipe.get(keys.client_key(client_id))
+            bound = (await pipe.execute())[-1] or None
         except (RedisError, OSError) as exc:
             self.cleanup_failures += 1
             log.warning("after connecting %s: %s", client_id, exc)
-        if went_online:
-            await self._transition(user, True, int(version), mutual)
+        await self._tell(user, pending, decided=bool(went_online))
         if bound is not None and _text(bound).split("|", 1)[0] != user:
-            await self.disconnected(client_id, user=user, token=token)
+            await self._disconnect(client_id, user, token)
+            if restore:
+                raise Superseded(client_id)
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
             )
@@ -541,9 +759,8 @@ class Presence:
 
     async def _claim(self, client_id: str, user: str, token: str) -> None:
         key = keys.client_key(client_id)
-        now_ms = round(self.now() * 1000)
         min_age_ms = round(self.stale_binding_after * 1000)
-        args: list[str | int] = [user, token, now_ms, "", min_age_ms]
+        args: list[str | int] = [user, token, self._now_ms(), "", min_age_ms]
         holder = _text(await self.scripts.call(self.redis, "claim", [key], args))
         if not holder:
             return
@@ -571,23 +788,36 @@ class Presence:
         id (a reconnect, possibly through another daemon) is left alone. Without it,
         whatever session the client id has is removed. ``user`` saves a lookup when the
         caller knows it (it is required with ``token``).
+
+        A transition of the user that an earlier call decided but did not get told (its
+        answer was lost, or its caller died) is told now, even if nothing is removed.
         """
-        if user is None or token is None:
-            bound = await self.redis.get(keys.client_key(client_id))
-            if bound is None:
-                return False
-            bound_user = _text(bound).split("|", 1)[0]
-            if user is not None and user != bound_user:
-                return False
-            user = bound_user
-        removed, went_offline, version, mutual, entry = await self.scripts.call(
-            self.redis, "disconnect", keys.user_keys(user), [client_id, token or ""]
+        async with self._in_order(client_id):
+            if user is None or token is None:
+                bound = await self.redis.get(keys.client_key(client_id))
+                if bound is None:
+                    return False
+                bound_user = _text(bound).split("|", 1)[0]
+                if user is not None and user != bound_user:
+                    return False
+                user = bound_user
+            return await self._disconnect(client_id, user, token)
+
+    async def _disconnect(self, client_id: str, user: str, token: str | None) -> bool:
+        removed, went_offline, _, entry, pending = await self.scripts.call(
+            self.redis,
+            "disconnect",
+            keys.user_keys(user),
+            [client_id, token or "", self._now_ms()],
         )
+        # Told before the owner-set member goes: while the member is there, a reaper or
+        # reconciliation that finds it disconnects again and so tells what is pending.
+        await self._tell(user, pending, decided=bool(went_offline))
         if not removed:
             return False
         # Unbind only the session that ended (a concurrent connect's binding stays) and
-        # take the entry out of its owner's set. Best effort: the decision is made and
-        # must be told; what a failure leaves behind is harmless (see cleanup_failures).
+        # take the entry out of its owner's set. Best effort: what a failure leaves
+        # behind is harmless (see cleanup_failures).
         ended_token, owner, _ = _entry(entry)
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -603,44 +833,68 @@ class Presence:
         except (RedisError, OSError) as exc:
             self.cleanup_failures += 1
             log.warning("after disconnecting %s: %s", client_id, exc)
-        if went_offline:
-            await self._transition(user, False, int(version), mutual)
         return True
 
-    async def _transition(self, user: str, online: bool, version: int, mutual: Any) -> None:
-        self._emit(Transition(user, online, version))
-        state = FriendState(user, online, version)
-        await self._fan_out([(_text(name), state) for name in mutual])
+    async def _tell(self, user: str, pending: Any, *, decided: bool) -> None:
+        """Tell a transition from the user's outbox to every mutual friend, then confirm.
 
-    async def _fan_out(self, targets: list[tuple[str, FriendState]]) -> None:
-        """Deliver a decided change to every client of each target user.
+        ``pending`` is a script's ``{online, version, mutual...}`` (empty: nothing to
+        tell); ``decided`` says this call decided it (else it is told again, having
+        been decided earlier by a call that did not confirm it).
+        """
+        if not pending:
+            return
+        online, version = bool(pending[0]), int(pending[1])
+        if decided:
+            self._emit(Transition(user, online, version))
+        else:
+            self.retold += 1
+        state = FriendState(user, online, version)
+        await self._fan_out(
+            [(_text(name), state) for name in pending[2:]],
+            confirm=(user, f"{int(online)}|{version}"),
+        )
+
+    async def _fan_out(
+        self, targets: list[tuple[str, FriendState]], *, confirm: tuple[str, str] | None = None
+    ) -> None:
+        """Deliver a decided change to every client of each target user; with
+        ``confirm`` (user, outbox value), empty that user's outbox afterwards.
 
         The decision is already made in Redis, so a failure here must not undo or
-        fail the call: it is retried in the background with backoff, then logged and
-        counted. (Deliveries are versioned facts: a repeat is harmless.)
+        fail the call: it is retried in the background until it succeeds. (Deliveries
+        are versioned facts: a repeat is harmless; and an outbox left unconfirmed is
+        told again by the next call that touches the user.)
         """
-        if not targets:
-            return
         try:
-            await self.deliver(await self._deliveries(targets))
+            await self._deliver_and_confirm(targets, confirm)
         except (RedisError, OSError) as exc:
+            self.fan_out_failures += 1
             log.warning("fan-out failed (%s); retrying in the background", exc)
-            task = asyncio.get_running_loop().create_task(self._fan_out_retry(targets))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self._background(self._fan_out_retry(targets, confirm))
 
-    async def _fan_out_retry(self, targets: list[tuple[str, FriendState]]) -> None:
-        for delay in FAN_OUT_RETRY_DELAYS:
-            await asyncio.sleep(delay)
+    async def _deliver_and_confirm(
+        self, targets: list[tuple[str, FriendState]], confirm: tuple[str, str] | None
+    ) -> None:
+        if targets:
+            await self.deliver(await self._deliveries(targets))
+        if confirm is not None:
+            user, value = confirm
+            await self.scripts.call(self.redis, "told", [keys.pending_key(user)], [value])
+
+    async def _fan_out_retry(
+        self, targets: list[tuple[str, FriendState]], confirm: tuple[str, str] | None
+    ) -> None:
+        attempt = 0
+        while True:
+            await asyncio.sleep(FAN_OUT_RETRY_DELAYS[min(attempt, len(FAN_OUT_RETRY_DELAYS) - 1)])
+            attempt += 1
             try:
-                await self.deliver(await self._deliveries(targets))
+                await self._deliver_and_confirm(targets, confirm)
                 return
             except (RedisError, OSError):
+                self.fan_out_failures += 1
                 continue
-        self.fan_out_failures += 1
-        log.error(
-            "fan-out to %d users lost after %d retries", len(targets), len(FAN_OUT_RETRY_DELAYS)
-        )
 
     async def _deliveries(self, targets: Sequence[tuple[str, FriendState]]) -> list[Delivery]:
         """Read the clients of each target user; one Delivery per client."""
@@ -697,7 +951,8 @@ class Presence:
         A friend is visible as online only if it is online and the friendship is mutual.
         """
         names = sorted(await self.friends(user))
-        calls: list[Call] = [("peek", keys.user_keys(name), [user]) for name in names]
+        now = self._now_ms()
+        calls: list[Call] = [("peek", keys.user_keys(name), [user, now]) for name in names]
         results = await self.scripts.call_many(self.redis, calls)
         return [
             FriendState(name, bool(visible), int(version))
@@ -731,7 +986,7 @@ class Presence:
             self.redis,
             "friends",
             keys.user_keys(user),
-            [user, op, self.max_friends, *wanted],
+            [user, op, self.max_friends, self._now_ms(), *wanted],
         )
         if not status:
             raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
@@ -742,7 +997,7 @@ class Presence:
             return
         # Keep each changed friend's reverse index in step (its own hash tag).
         calls: list[Call] = [
-            ("fans", keys.user_keys(name), ["add" if added else "remove", user])
+            ("fans", keys.user_keys(name), ["add" if added else "remove", user, self._now_ms()])
             for name, added, _ in changes
         ]
         results = await self.scripts.call_many(self.redis, calls)

@@ -26,6 +26,8 @@ SCRIPT_NAMES: Final = (
     "claim",
     "release",
     "reap",
+    "told",
+    "lease",
 )
 
 Call = tuple[str, Sequence[str], Sequence[str | int]]

@@ -23,6 +23,17 @@ An address is *verified* once a datagram carrying the session token arrives from
 (the token was only ever sent there). Until then the daemon never answers it with more
 bytes than it received, and sends it no notifications (they are numbered all the same,
 so the gap is repaired by a snapshot).
+
+Healing: what the daemon holds and what Redis says must come back into agreement after
+any fault, without the client doing anything. A session replaced through another daemon
+is forgotten (that daemon's connect says so through our inbox; a later PING gets
+UNKNOWN_SESSION). When the lease is found lapsed, every held session is put back
+(``restore``: never over a newer session elsewhere), and each client is made to see a
+sequence gap, so it repairs its view by snapshot. When Redis lost its data altogether,
+each client is also sent GO_AWAY (state lost) so it declares its friends again. Once a
+minute, and soon after a lapse, the sessions held are compared with what Redis lists.
+On shutdown, clients are sent GO_AWAY and given a grace to move to another daemon
+before the rest are removed, so a rolling restart flaps nobody.
 """
 
 from __future__ import annotations
@@ -54,6 +65,8 @@ from presence_client.protocol import (
     FriendsOk,
     FriendsOp,
     FriendState,
+    GoAway,
+    GoAwayReason,
     Message,
     Notify,
     Ping,
@@ -68,7 +81,14 @@ from presence_client.protocol import (
 )
 from presence_daemon import keys
 from presence_daemon.config import Config
-from presence_daemon.presence import Delivery, Presence, PresenceError, parse_inbox
+from presence_daemon.presence import (
+    Delivery,
+    Presence,
+    PresenceError,
+    Replaced,
+    Superseded,
+    parse_inbox,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +100,9 @@ REDIS_ERROR_LOG_INTERVAL: Final = 5.0
 
 RECONCILE_INTERVAL: Final = 60.0
 """Seconds between comparisons of what Redis says this daemon owns with what it holds."""
+
+GO_AWAY_RESEND: Final = 0.5
+"""Seconds between GO_AWAYs to a client that has not moved yet, during a shutdown grace."""
 
 
 def _token_bytes(token: str) -> bytes:
@@ -151,6 +174,10 @@ class Server:
         # Timed-out sessions whose removal could not be queued or failed: retried first
         # by the next sweep (kept apart so the recency order stays sorted by last_seen).
         self._failed_removals: list[Session] = []
+        # Sessions to put back into Redis whose restore could not be queued or failed
+        # for a reason that may pass (Redis unreachable): retried by the next sweep.
+        self._failed_restores: list[Session] = []
+        self._verify_task: asyncio.Task[None] | None = None
         self.ping_interval_ms = round(config.ping_interval * 1000)
         self.timeout_ms = round(config.timeout * 1000)
 
@@ -173,8 +200,10 @@ class Server:
         ]
 
     async def stop(self, *, drain_timeout: float = 5.0) -> None:
-        """Stop taking new work, finish what is queued, then remove every held client
-        from Redis (their friends are told) and stop the tasks."""
+        """Stop taking new work, finish what is queued, ask clients to move to another
+        daemon (GO_AWAY) and give them ``config.drain_grace`` seconds to do so, then
+        remove every client still held from Redis (their friends are told) and stop
+        the tasks."""
         self.stopping = True
         for task in self._housekeeping:  # no new timeouts or reconciliation from now on
             task.cancel()
@@ -186,6 +215,7 @@ class Server:
             log.warning("shutdown: queued work did not finish within %.1f s", drain_timeout)
             for task in self._workers:
                 task.cancel()  # nothing may land in Redis after the removal pass
+        await self._let_clients_move()
         # Every session held, including one whose connect was cut short above.
         sessions = list(self.by_token.values())
         for session in sessions:
@@ -202,12 +232,45 @@ class Server:
             log.error(
                 "shutdown: %d of %d clients could not be removed from Redis", failed, len(results)
             )
+        if self._verify_task is not None:
+            self._verify_task.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    async def _let_clients_move(self) -> None:
+        """Send GO_AWAY to every verified client and wait (at most the drain grace)
+        until each has connected elsewhere: the daemon it moved to replaces its entry
+        in Redis and tells us through the inbox, and we forget the session. Skipped
+        when no other daemon is alive: there is nowhere to go."""
+        grace = self.config.drain_grace
+        if grace <= 0 or not self.by_token:
+            return
+        try:
+            others = await self.presence.live_owners()
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            others = []
+        if not others:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        held = len(self.by_token)
+        while self.by_token and loop.time() < deadline:
+            for session in list(self.by_token.values()):
+                if session.verified:
+                    self._reply(GoAway(session.token, GoAwayReason.SHUTDOWN), session.address)
+                    self.counters["go_away_sent"] += 1
+            await asyncio.sleep(min(GO_AWAY_RESEND, max(deadline - loop.time(), 0)))
+        log.info(
+            "shutdown: %d of %d clients moved to another daemon within %.1f s",
+            held - len(self.by_token),
+            held,
+            grace,
+        )
 
     # -- datagrams -----------------------------------------------------------------
 
@@ -351,14 +414,28 @@ class Server:
             self._reply(Error(msg.request, ErrorCode.CLIENT_ID_IN_USE), addr, limit=size)
             return
         if existing is not None and existing.address == addr and not existing.closing:
-            # A retried connect (its reply was lost): same session, same answer.
-            self.counters["connects_repeated"] += 1
-            if msg.friends is not None and not await self._guarded(
-                msg.request, addr, size, self.presence.set_friends(msg.user, msg.friends)
-            ):
+            # A retried connect (its reply was lost): same session, same answer, once
+            # Redis confirms the session is still this one (it may have been replaced
+            # through another daemon, or lost with Redis's data: then put it back).
+            try:
+                await self.presence.connected(
+                    msg.client_id,
+                    msg.user,
+                    friends=msg.friends,
+                    address=f"{addr[0]}:{addr[1]}",
+                    token=existing.token_hex,
+                    restore=True,
+                )
+            except Superseded:
+                self._drop(existing)  # a newer session elsewhere: this request starts anew
+                existing = None
+            except (PresenceError, RedisError, OSError) as exc:
+                self._refuse(exc, msg.request, addr, size)
                 return
-            await self._send_connect_ok(msg, existing, addr, size)
-            return
+            else:
+                self.counters["connects_repeated"] += 1
+                await self._send_connect_ok(msg, existing, addr, size)
+                return
         session = Session(
             client_id=msg.client_id,
             user=msg.user,
@@ -547,6 +624,9 @@ class Server:
         expired = retries + self.expired(now)
         for session in expired:
             self._enqueue_removal(session)
+        restores, self._failed_restores = self._failed_restores, []
+        for session in restores:
+            self._enqueue_restore(session)
         return len(expired)
 
     def _enqueue_removal(self, session: Session) -> None:
@@ -564,42 +644,94 @@ class Server:
             self._failed_removals.append(session)
 
     async def _reconcile_forever(self) -> None:
-        """Now and then, remove entries Redis says we own but we do not hold."""
+        """Now and then, compare what Redis says we own with what we hold."""
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
-            try:
-                self.counters["reconciled"] += await self.presence.reconcile(
-                    lambda token: _token_bytes(token) in self.by_token
-                )
-            except (RedisError, OSError) as exc:
-                self._redis_failed(exc)
+            await self.verify()
 
-    async def register_again(self) -> None:
+    async def register_again(self, state_lost: bool = False) -> None:
         """Our lease lapsed, so a survivor may have reaped our clients: put every held
-        session back in Redis (same token; the client notices nothing, its friends see
-        it come back online). A session that cannot be registered again is dropped; its
-        client's next ping gets UNKNOWN_SESSION and it connects again."""
+        session back in Redis (same token: the client notices nothing, its friends see
+        it come back online), unless its client id has a newer session elsewhere (then
+        it is forgotten, and its next PING gets UNKNOWN_SESSION).
+
+        Every client is also made to see a sequence gap, so it repairs its view by
+        snapshot (what it was told during the fault may be incomplete). With
+        ``state_lost`` (Redis lost its data, friend lists included), every client is
+        sent GO_AWAY (state lost) so it connects again declaring its friends.
+        """
         self.counters["lease_lost"] += 1
         for session in list(self.by_token.values()):
-            # Through the client's own queue, so it cannot overtake its disconnect.
-            queue = self._queue_for(session.client_id)
-            try:
-                queue.put_nowait(functools.partial(self._register_again, session))
-            except asyncio.QueueFull:
-                self.counters["lost_on_reregister"] += 1
-                self._drop(session)
+            session.seq += 1
+            if state_lost and session.verified:
+                self._reply(GoAway(session.token, GoAwayReason.STATE_LOST), session.address)
+                self.counters["go_away_sent"] += 1
+            self._enqueue_restore(session)
+        self._verify_soon()
 
-    async def _register_again(self, session: Session) -> None:
+    def _enqueue_restore(self, session: Session) -> None:
+        # Through the client's own queue, so it cannot overtake its disconnect.
+        queue = self._queue_for(session.client_id)
+        try:
+            queue.put_nowait(functools.partial(self._restore, session))
+        except asyncio.QueueFull:
+            self._failed_restores.append(session)  # never lose a session: next sweep
+
+    async def _restore(self, session: Session) -> None:
         if session.closing or self.by_token.get(session.token) is not session:
             return
         address = f"{session.address[0]}:{session.address[1]}"
         try:
             await self.presence.connected(
-                session.client_id, session.user, address=address, token=session.token_hex
+                session.client_id,
+                session.user,
+                address=address,
+                token=session.token_hex,
+                restore=True,
             )
-        except (PresenceError, RedisError, OSError):
-            self.counters["lost_on_reregister"] += 1
+        except Superseded:
+            self.counters["sessions_replaced_elsewhere"] += 1
             self._drop(session)
+        except PresenceError as exc:
+            if exc.code is not ErrorCode.TRY_AGAIN:
+                self.counters["lost_on_restore"] += 1
+                self._drop(session)
+            else:
+                self._failed_restores.append(session)
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            self._failed_restores.append(session)
+        else:
+            self.counters["restored"] += 1
+
+    def _verify_soon(self) -> None:
+        """Compare what we hold with what Redis lists a little after a lapse (a reaper
+        may still have been busy with our clients when we put them back)."""
+        if self._verify_task is not None and not self._verify_task.done():
+            return
+        delay = 2 * self.presence.renew_interval if self.presence.lease_ttl else 1.0
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await self.verify()
+
+        self._verify_task = asyncio.get_running_loop().create_task(later())
+
+    async def verify(self) -> None:
+        """Remove entries Redis says we own but we do not hold; put back the sessions we
+        hold that Redis no longer lists (reaped, or lost with Redis's data)."""
+        listed: set[str] = set()
+        try:
+            self.counters["reconciled"] += await self.presence.reconcile(
+                lambda token: _token_bytes(token) in self.by_token, listed=listed
+            )
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return
+        for session in list(self.by_token.values()):
+            if not session.closing and session.token_hex not in listed:
+                self.counters["verify_missing"] += 1
+                self._enqueue_restore(session)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -650,10 +782,10 @@ class Server:
                     for session in self.by_token.values():
                         session.seq += 1
                     failed = False
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    self._on_inbox(message["data"])
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._on_inbox(message["data"])
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
                 failed = True
@@ -664,10 +796,20 @@ class Server:
 
     def _on_inbox(self, data: Any) -> None:
         try:
-            deliveries = parse_inbox(data)
+            deliveries, replaced = parse_inbox(data)
         except ValueError:
             self.counters["inbox_malformed"] += 1
             log.exception("malformed inbox message")
             return
         for d in deliveries:
             self.notify(d.client_id, d.token, d.friend)
+        for r in replaced:
+            self._forget_replaced(r)
+
+    def _forget_replaced(self, replaced: Replaced) -> None:
+        """The client connected again through another daemon: forget this session (a
+        disconnect or removal of it in flight finds nothing, as its token is guarded)."""
+        session = self.by_client.get(replaced.client_id)
+        if session is not None and session.token_hex == replaced.token:
+            self.counters["sessions_replaced_elsewhere"] += 1
+            self._drop(session)

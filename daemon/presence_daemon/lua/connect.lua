@@ -4,22 +4,64 @@
 -- KEYS[2]  presence:{user}:version   string, the user's state version
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
+-- KEYS[5]  presence:{user}:pending   string "online|version": a decided transition whose
+--                                    telling is not confirmed yet (the outbox)
 -- ARGV[1]  client id
 -- ARGV[2]  entry, "token|owner|address" (token first: disconnect guards on it)
+-- ARGV[3]  now, in milliseconds (versions never fall below it, so they survive a Redis
+--          that restarted empty)
+-- ARGV[4]  fence: the moment, in milliseconds on this server's clock, at which the
+--          caller's lease runs out, or '0' for a caller without a lease
+-- ARGV[5]  'connect' (replace whatever entry the client id has) or 'restore' (put the
+--          entry back only if the client id has no entry or one with the same token)
 --
--- Returns {went_online, version, mutual, previous}
+-- Returns {status, went_online, version, previous, pending}
+--   status       1 applied; 0 fenced: the lease ran out before this ran (nothing
+--                changed); 2 superseded: 'restore' found another session (nothing changed)
 --   went_online  1 if this call made the user go from no clients to one, else 0
 --   version      the user's state version after the call
---   mutual       the user's mutual friends (declared both ways) if went_online, else {}
 --   previous     the entry this call replaced (same client id, older session), or ''
+--   pending      {} or {online, version, mutual friend...}: the transition to tell, this
+--                call's own or one an earlier call decided and did not confirm told
 --
+-- The fence is the one place a script reads the clock: it must be the clock of the server
+-- that applies the write, at the moment it applies it (a write delayed in a socket or a
+-- stalled process must not land after the lease ran out and a survivor reaped).
 -- A repeated connect of a connected client id replaces its entry (new session, new
 -- owner) and is never a transition. All keys share the user's hash tag.
-local before = redis.call('HLEN', KEYS[1])
-local previous = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if before > 0 then
-  return {0, tonumber(redis.call('GET', KEYS[2]) or '0'), {}, previous}
+if ARGV[4] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(ARGV[4]) then
+    return {0, 0, 0, '', {}}
+  end
 end
-local version = redis.call('INCR', KEYS[2])
-return {1, version, redis.call('SINTER', KEYS[3], KEYS[4]), previous}
+local previous = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if ARGV[5] == 'restore' and previous ~= '' then
+  local token = string.match(ARGV[2], '^[^|]*')
+  if string.sub(previous, 1, #token + 1) ~= token .. '|' then
+    return {2, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
+  end
+end
+local before = redis.call('HLEN', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local went_online = 0
+local version
+if before > 0 then
+  version = tonumber(redis.call('GET', KEYS[2]) or '0')
+else
+  went_online = 1
+  version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+  if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
+  redis.call('SET', KEYS[2], version)
+  redis.call('SET', KEYS[5], '1|' .. version)
+end
+local pending = {}
+local told = redis.call('GET', KEYS[5])
+if told then
+  local online, at = string.match(told, '^(%d)|(%d+)$')
+  pending = {tonumber(online), tonumber(at)}
+  for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
+    pending[#pending + 1] = name
+  end
+end
+return {1, went_online, version, previous, pending}

@@ -4,25 +4,44 @@
 -- KEYS[2]  presence:{user}:version   string, the user's state version
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
+-- KEYS[5]  presence:{user}:pending   string "online|version", the outbox (see connect.lua)
 -- ARGV[1]  client id
 -- ARGV[2]  session token the caller believes is current, or '' to remove whatever is there
+-- ARGV[3]  now, in milliseconds (versions never fall below it)
 --
--- Returns {removed, went_offline, version, mutual, entry}
+-- Returns {removed, went_offline, version, entry, pending}
 --   removed       1 if an entry was removed, 0 if the client was not connected or its
 --                 entry carries another token (a newer session: leave it alone)
 --   went_offline  1 if this call removed the user's last client, else 0
 --   version       the user's state version after the call
---   mutual        the user's mutual friends if went_offline, else {}
 --   entry         the removed entry "token|owner|address", or '' if nothing was removed
 --                 (without a token the caller learns here which session it ended)
+--   pending       {} or {online, version, mutual friend...}: the transition to tell,
+--                 this call's own or one an earlier call decided and did not confirm told
+--                 (so a retried disconnect whose first try's answer was lost still tells)
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 local guard = ARGV[2]
-if (not entry) or (guard ~= '' and string.sub(entry, 1, #guard + 1) ~= guard .. '|') then
-  return {0, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), {}, ''}
+local removed, went_offline = 0, 0
+if entry and (guard == '' or string.sub(entry, 1, #guard + 1) == guard .. '|') then
+  removed = 1
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  if redis.call('HLEN', KEYS[1]) == 0 then
+    went_offline = 1
+    local version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+    if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
+    redis.call('SET', KEYS[2], version)
+    redis.call('SET', KEYS[5], '0|' .. version)
+  end
+else
+  entry = ''
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('HLEN', KEYS[1]) > 0 then
-  return {1, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), {}, entry}
+local pending = {}
+local told = redis.call('GET', KEYS[5])
+if told then
+  local online, at = string.match(told, '^(%d)|(%d+)$')
+  pending = {tonumber(online), tonumber(at)}
+  for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
+    pending[#pending + 1] = name
+  end
 end
-local version = redis.call('INCR', KEYS[2])
-return {1, 1, version, redis.call('SINTER', KEYS[3], KEYS[4]), entry}
+return {removed, went_offline, tonumber(redis.call('GET', KEYS[2]) or '0'), entry, pending}

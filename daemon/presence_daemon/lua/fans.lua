@@ -4,8 +4,10 @@
 -- KEYS[2]  presence:{user}:version   string, the user's state version
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
+-- KEYS[5]  presence:{user}:pending   the outbox (see connect.lua; not used here)
 -- ARGV[1]  'add' or 'remove'
 -- ARGV[2]  the fan: the user who declared (or stopped declaring) this user
+-- ARGV[3]  now, in milliseconds (versions never fall below it)
 --
 -- Returns {version, online, visible}
 --   version  the user's state version after the call (bumped if the index changed)
@@ -19,7 +21,9 @@ else
 end
 local version
 if changed == 1 then
-  version = redis.call('INCR', KEYS[2])
+  version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+  if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
+  redis.call('SET', KEYS[2], version)
 else
   version = tonumber(redis.call('GET', KEYS[2]) or '0')
 end

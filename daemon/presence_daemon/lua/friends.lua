@@ -4,10 +4,12 @@
 -- KEYS[2]  presence:{user}:version   string, the user's state version
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
+-- KEYS[5]  presence:{user}:pending   the outbox (see connect.lua; not used here)
 -- ARGV[1]  the user's own name (never added to its own list)
 -- ARGV[2]  'add', 'remove' or 'set' (replace the whole list)
 -- ARGV[3]  most friends the list may hold afterwards
--- ARGV[4..] friend names
+-- ARGV[4]  now, in milliseconds (versions never fall below it)
+-- ARGV[5..] friend names
 --
 -- Returns {status, version, online, changes}
 --   status   1 applied; 0 refused because the list would exceed ARGV[3] (nothing changed)
@@ -19,7 +21,7 @@
 -- tags) and sends notifications; that part is not atomic with this script, by design.
 local user, op, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local wanted = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   if ARGV[i] ~= user then wanted[ARGV[i]] = true end
 end
 local to_add, to_remove = {}, {}
@@ -57,7 +59,9 @@ for _, name in ipairs(to_remove) do
 end
 local version
 if #changes > 0 then
-  version = redis.call('INCR', KEYS[2])
+  version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+  if tonumber(ARGV[4]) > version then version = tonumber(ARGV[4]) end
+  redis.call('SET', KEYS[2], version)
 else
   version = tonumber(redis.call('GET', KEYS[2]) or '0')
 end
