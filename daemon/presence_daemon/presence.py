@@ -61,7 +61,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -191,6 +191,14 @@ class Connection:
     """The user's state version after the call."""
 
 
+@dataclass(slots=True)
+class _ClientLock:
+    """Orders the calls for one client id; lives while ``users`` hold or await it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 Deliver = Callable[[list[Delivery]], Awaitable[None]]
 Listener = Callable[[Transition], None]
 
@@ -301,7 +309,7 @@ class Presence:
         """When the lease runs out (ms, Redis's clock), less a margin; 0 without a lease.
         Every connect carries it, and Redis refuses it once that moment has passed."""
         self._last_lease_error = -LEASE_ERROR_LOG_INTERVAL
-        self._client_locks: dict[str, asyncio.Lock] = {}
+        self._client_locks: dict[str, _ClientLock] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Presence:
@@ -364,15 +372,21 @@ class Presence:
 
     @contextlib.asynccontextmanager
     async def _in_order(self, client_id: str) -> AsyncIterator[None]:
-        """Run the body after every earlier call for ``client_id`` (FIFO, per client)."""
-        lock = self._client_locks.get(client_id)
-        if lock is None:
-            lock = self._client_locks[client_id] = asyncio.Lock()
+        """Run the body after every earlier call for ``client_id`` (FIFO, per client).
+
+        The lock lives while any call holds or awaits it (counted: a released lock
+        looks free before its next waiter has woken up to take it).
+        """
+        entry = self._client_locks.get(client_id)
+        if entry is None:
+            entry = self._client_locks[client_id] = _ClientLock()
+        entry.users += 1
         try:
-            async with lock:
+            async with entry.lock:
                 yield
         finally:
-            if not lock.locked() and self._client_locks.get(client_id) is lock:
+            entry.users -= 1
+            if entry.users == 0:
                 del self._client_locks[client_id]
 
     # -- leases: a survivor disconnects the clients of an owner that died -------------

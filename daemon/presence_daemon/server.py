@@ -259,11 +259,14 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         held = len(self.by_token)
-        while self.by_token and loop.time() < deadline:
-            for session in list(self.by_token.values()):
-                if session.verified:
-                    self._reply(GoAway(session.token, GoAwayReason.SHUTDOWN), session.address)
-                    self.counters["go_away_sent"] += 1
+        while loop.time() < deadline:
+            # (An unverified address gets nothing: it could be anyone's.)
+            movable = [s for s in self.by_token.values() if s.verified]
+            if not movable:
+                break
+            for session in movable:
+                self._reply(GoAway(session.token, GoAwayReason.SHUTDOWN), session.address)
+                self.counters["go_away_sent"] += 1
             await asyncio.sleep(min(GO_AWAY_RESEND, max(deadline - loop.time(), 0)))
         log.info(
             "shutdown: %d of %d clients moved to another daemon within %.1f s",
