@@ -50,6 +50,12 @@ def fans_key(user: str) -> str:
     return f"{PREFIX}:{{{user}}}:fans"
 
 
+def reindex_key(user: str) -> str:
+    """Hash name -> '1'/'0' of the user's list changes not yet confirmed in the friends'
+    reverse indexes (only friends.lua and synced.lua take it)."""
+    return f"{PREFIX}:{{{user}}}:reindex"
+
+
 def client_key(client_id: str) -> str:
     """String binding a client id to its user and current session: "user|token|claimed_ms"."""
     return f"{PREFIX}:client:{{{client_id}}}"

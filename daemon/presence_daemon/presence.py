@@ -866,14 +866,14 @@ class Presence:
         state = FriendState(user, online, version)
         await self._fan_out(
             [(_text(name), state) for name in pending[2:]],
-            confirm=(user, f"{int(online)}|{version}"),
+            confirm=("told", [keys.pending_key(user)], [f"{int(online)}|{version}"]),
         )
 
     async def _fan_out(
-        self, targets: list[tuple[str, FriendState]], *, confirm: tuple[str, str] | None = None
+        self, targets: list[tuple[str, FriendState]], *, confirm: Call | None = None
     ) -> None:
-        """Deliver a decided change to every client of each target user; with
-        ``confirm`` (user, outbox value), empty that user's outbox afterwards.
+        """Deliver a decided change to every client of each target user; then run the
+        ``confirm`` script call, which empties the outbox entry that recorded it.
 
         The decision is already made in Redis, so a failure here must not undo or
         fail the call: it is retried in the background until it succeeds. (Deliveries
@@ -888,16 +888,15 @@ class Presence:
             self._background(self._fan_out_retry(targets, confirm))
 
     async def _deliver_and_confirm(
-        self, targets: list[tuple[str, FriendState]], confirm: tuple[str, str] | None
+        self, targets: list[tuple[str, FriendState]], confirm: Call | None
     ) -> None:
         if targets:
             await self.deliver(await self._deliveries(targets))
         if confirm is not None:
-            user, value = confirm
-            await self.scripts.call(self.redis, "told", [keys.pending_key(user)], [value])
+            await self.scripts.call(self.redis, *confirm)
 
     async def _fan_out_retry(
-        self, targets: list[tuple[str, FriendState]], confirm: tuple[str, str] | None
+        self, targets: list[tuple[str, FriendState]], confirm: Call | None
     ) -> None:
         attempt = 0
         while True:
@@ -999,7 +998,7 @@ class Presence:
         status, version, online, flat = await self.scripts.call(
             self.redis,
             "friends",
-            keys.user_keys(user),
+            [*keys.user_keys(user), keys.reindex_key(user)],
             [user, op, self.max_friends, self._now_ms(), *wanted],
         )
         if not status:
@@ -1029,4 +1028,5 @@ class Presence:
                 targets.append((user, FriendState(name, bool(visible), int(friend_version))))
             if online and is_fan:
                 targets.append((name, FriendState(user, added, int(version))))
-        await self._fan_out(targets)
+        synced = [str(v) for name, added, _ in changes for v in (name, int(added))]
+        await self._fan_out(targets, confirm=("synced", [keys.reindex_key(user)], synced))
