@@ -1,4 +1,5 @@
-"""The ``presence-daemon`` command line, run as a real process (``python -m``)."""
+"""The ``presence-daemon`` command line, run as a real process (``python -m``), and the
+Config it builds."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from daemons import DaemonProcess, RawPeer, daemon_env
-from presence_daemon.config import Config
+from presence_client.protocol import is_valid_name
+from presence_daemon.config import Config, ConfigError, config_from_args
 
 RUN_TIMEOUT = 20.0
 """Upper bound for a command that is expected to exit by itself."""
@@ -71,6 +74,23 @@ def test_help_names_every_flag_and_its_variable() -> None:
         (["--timeout", "inf", *UNREACHABLE], {}, ["--timeout", "inf"]),
         (["--ping-interval", "nan", *UNREACHABLE], {}, ["--ping-interval", "nan"]),
         (["--ping-interval", "0.001", *UNREACHABLE], {}, ["--ping-interval", "0.001"]),
+        # The Redis call timeout: seconds like the other durations.
+        (["--redis-timeout", "abc"], {}, ["--redis-timeout", "'abc'"]),
+        (["--redis-timeout", "0", *UNREACHABLE], {}, ["--redis-timeout", "0.0"]),
+        (["--redis-timeout", "0.001", *UNREACHABLE], {}, ["--redis-timeout", "0.001"]),
+        (["--redis-timeout", "nan", *UNREACHABLE], {}, ["--redis-timeout", "nan"]),
+        (["--redis-timeout", "inf", *UNREACHABLE], {}, ["--redis-timeout", "inf"]),
+        (["--redis-timeout", "86401", *UNREACHABLE], {}, ["--redis-timeout", "86401"]),
+        ([], {"PRESENCE_REDIS_TIMEOUT": "x"}, ["PRESENCE_REDIS_TIMEOUT", "'x'"]),
+        ([*UNREACHABLE], {"PRESENCE_REDIS_TIMEOUT": "0"}, ["PRESENCE_REDIS_TIMEOUT", "0.0"]),
+        # The drain grace: 0 to 600 seconds.
+        (["--drain-grace", "soon"], {}, ["--drain-grace", "'soon'"]),
+        (["--drain-grace", "-1", *UNREACHABLE], {}, ["--drain-grace", "-1"]),
+        (["--drain-grace", "600.5", *UNREACHABLE], {}, ["--drain-grace", "600.5"]),
+        (["--drain-grace", "nan", *UNREACHABLE], {}, ["--drain-grace", "nan"]),
+        (["--drain-grace", "inf", *UNREACHABLE], {}, ["--drain-grace", "inf"]),
+        ([], {"PRESENCE_DRAIN_GRACE": ""}, ["PRESENCE_DRAIN_GRACE", "''"]),
+        ([*UNREACHABLE], {"PRESENCE_DRAIN_GRACE": "700"}, ["PRESENCE_DRAIN_GRACE", "700"]),
     ],
     ids=[
         "port-abc",
@@ -85,6 +105,21 @@ def test_help_names_every_flag_and_its_variable() -> None:
         "timeout-inf",
         "ping-interval-nan",
         "ping-interval-too-small",
+        "redis-timeout-abc",
+        "redis-timeout-zero",
+        "redis-timeout-too-small",
+        "redis-timeout-nan",
+        "redis-timeout-inf",
+        "redis-timeout-too-large",
+        "env-redis-timeout-x",
+        "env-redis-timeout-zero",
+        "drain-grace-soon",
+        "drain-grace-negative",
+        "drain-grace-too-large",
+        "drain-grace-nan",
+        "drain-grace-inf",
+        "env-drain-grace-empty",
+        "env-drain-grace-700",
     ],
 )
 def test_bad_value_exits_with_one_line_naming_it(
@@ -99,9 +134,21 @@ def test_bad_value_exits_with_one_line_naming_it(
     assert result.stdout == ""
 
 
-def test_unreachable_redis_exits_with_one_line() -> None:
-    result = run("--host", "127.0.0.1", "--port", "0", "--redis-url", "redis://127.0.0.1:1/0")
-    assert result.returncode != 0
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        # The edges of the new settings' ranges are accepted (the run gets as far as Redis).
+        ["--drain-grace", "0", "--redis-timeout", "0.01"],
+        ["--drain-grace", "600", "--redis-timeout", "86400"],
+    ],
+    ids=["defaults", "low-edges", "high-edges"],
+)
+def test_unreachable_redis_exits_with_one_line(extra: list[str]) -> None:
+    result = run(
+        "--host", "127.0.0.1", "--port", "0", "--redis-url", "redis://127.0.0.1:1/0", *extra
+    )
+    assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "127.0.0.1:1" in lines[0]
@@ -157,3 +204,75 @@ def test_sigterm_without_clients_exits_zero(redis_url: str) -> None:
     with DaemonProcess(redis_url, "idle") as daemon:
         assert daemon.terminate() == 0, daemon.stderr()
         assert "Traceback" not in daemon.stderr(), daemon.stderr()
+
+
+def test_a_second_daemon_with_a_live_instance_id_exits_at_once(redis_url: str) -> None:
+    with DaemonProcess(redis_url, "twin") as first:
+        started = time.monotonic()
+        result = run(
+            "--host", "127.0.0.1", "--port", "0", "--redis-url", redis_url, "--instance-id", "twin"
+        )
+        elapsed = time.monotonic() - started
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "twin" in lines[0] and "in use" in lines[0], lines[0]
+        assert "listening" not in result.stdout
+        # Told quickly (the holder's renewals prove it alive), not after the lease TTL.
+        assert elapsed < Config().lease_ttl, elapsed
+        assert first.running
+        assert first.terminate() == 0, first.stderr()
+
+
+# ---------------------------------------------------------------------------
+# The Config the command line builds (in process).
+
+
+def test_new_settings_defaults() -> None:
+    config = Config()
+    assert config.lease_ttl == 10.0
+    assert config.redis_timeout == 2.0
+    assert config.drain_grace == 3.0
+
+
+def test_new_settings_from_flags_and_variables() -> None:
+    config = config_from_args(["--redis-timeout", "0.5", "--drain-grace", "0"], environ={})
+    assert (config.redis_timeout, config.drain_grace) == (0.5, 0.0)
+    environ = {"PRESENCE_REDIS_TIMEOUT": "3", "PRESENCE_DRAIN_GRACE": "600"}
+    config = config_from_args([], environ=environ)
+    assert (config.redis_timeout, config.drain_grace) == (3.0, 600.0)
+    # A flag wins over its variable.
+    config = config_from_args(["--drain-grace", "1.5"], environ=environ)
+    assert (config.redis_timeout, config.drain_grace) == (3.0, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("redis_timeout", 0.0),
+        ("redis_timeout", -1.0),
+        ("redis_timeout", float("nan")),
+        ("redis_timeout", 86_400.5),
+        ("drain_grace", -0.1),
+        ("drain_grace", 600.1),
+        ("drain_grace", float("inf")),
+        ("drain_grace", float("nan")),
+    ],
+)
+def test_new_settings_out_of_range_name_the_flag(field: str, value: float) -> None:
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"^{flag}: invalid value"):
+        Config(**{field: value})
+
+
+def test_pick_instance_id() -> None:
+    assert Config(instance_id="fixed-1").pick_instance_id() == "fixed-1"
+    # Unset: host-random, a fresh one each time (two containers on one host both run
+    # the daemon as PID 1, so the PID would not tell them apart).
+    picked = {Config().pick_instance_id() for _ in range(20)}
+    assert len(picked) == 20
+    for instance_id in picked:
+        assert is_valid_name(instance_id), instance_id
+        host, suffix = instance_id.rsplit("-", 1)
+        assert host and re.fullmatch("[0-9a-f]{8}", suffix), instance_id
+    assert not hasattr(Config, "resolved_instance_id")

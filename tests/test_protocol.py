@@ -27,6 +27,8 @@ from presence_client.protocol import (
     FriendsOk,
     FriendsOp,
     FriendState,
+    GoAway,
+    GoAwayReason,
     Message,
     MessageType,
     Notify,
@@ -99,6 +101,9 @@ ROUND_TRIPS: list[Message] = [
     Notify(seq=2, friend=FriendState("bob", False, 0)),
     *(Error(request=6, code=code) for code in ErrorCode),
     Error(request=0, code=ErrorCode.TRY_AGAIN),
+    *(GoAway(session=SESSION, reason=reason) for reason in GoAwayReason),
+    # A reason this side does not know yet still decodes (a client treats it as SHUTDOWN).
+    GoAway(session=bytes(SESSION_BYTES), reason=255),
 ]
 
 
@@ -144,6 +149,16 @@ def test_pad_to_every_reachable_size() -> None:
     assert encode(msg, pad_to=1) == encode(msg)
 
 
+def test_go_away_wire_keys_and_values() -> None:
+    assert int(MessageType.GO_AWAY) == 13
+    assert (int(GoAwayReason.SHUTDOWN), int(GoAwayReason.STATE_LOST)) == (1, 2)
+    body = msgpack.unpackb(encode(GoAway(SESSION, GoAwayReason.STATE_LOST)), raw=False)
+    assert body == {"v": PROTOCOL_VERSION, "t": 13, "s": SESSION, "w": 2}
+    decoded = decode(_pack(_T.GO_AWAY, s=SESSION, w=1))
+    assert decoded == GoAway(SESSION, GoAwayReason.SHUTDOWN)
+    assert isinstance(decoded, GoAway) and decoded.reason == GoAwayReason.SHUTDOWN
+
+
 def test_unknown_keys_are_ignored() -> None:
     body = {"v": 1, "t": int(MessageType.PONG), "q": 4, "zz": [1, 2], 7: "x"}
     assert decode(msgpack.packb(body)) == Pong(seq=4)
@@ -186,6 +201,7 @@ _CONNECT_OK: dict[str, Any] = {
 }
 _FRIENDS: dict[str, Any] = {"r": 1, "s": SESSION, "op": 1, "f": ["b"]}
 _SNAPSHOT: dict[str, Any] = {"r": 1, "p": 0, "n": 1, "q": 0, "f": []}
+_GO_AWAY: dict[str, Any] = {"s": SESSION, "w": int(GoAwayReason.SHUTDOWN)}
 _VALID = _pack(_T.CONNECT, **_CONNECT)
 
 BAD_NAMES = [
@@ -239,7 +255,7 @@ MALFORMED: list[tuple[str, bytes, ErrorCode]] = [
     # type
     ("no-t", msgpack.packb({"v": 1, "q": 0}), ErrorCode.UNKNOWN_TYPE),
     ("t-0", msgpack.packb({"v": 1, "t": 0}), ErrorCode.UNKNOWN_TYPE),
-    ("t-13", msgpack.packb({"v": 1, "t": 13}), ErrorCode.UNKNOWN_TYPE),
+    ("t-14", msgpack.packb({"v": 1, "t": 14}), ErrorCode.UNKNOWN_TYPE),
     ("t-neg", msgpack.packb({"v": 1, "t": -4, "q": 0}), ErrorCode.UNKNOWN_TYPE),
     ("t-true", msgpack.packb({"v": 1, "t": True, "s": SESSION}), ErrorCode.UNKNOWN_TYPE),
     ("t-str", msgpack.packb({"v": 1, "t": "4", "q": 0}), ErrorCode.UNKNOWN_TYPE),
@@ -272,6 +288,11 @@ MALFORMED: list[tuple[str, bytes, ErrorCode]] = [
     ("notify-no-f", _pack(_T.NOTIFY, q=1), ErrorCode.INVALID_FIELD),
     ("notify-no-q", _pack(_T.NOTIFY, f=["a", True, 1]), ErrorCode.INVALID_FIELD),
     ("error-no-e", _pack(_T.ERROR, r=1), ErrorCode.INVALID_FIELD),
+    *(
+        (f"go-away-no-{k}", _without(_T.GO_AWAY, k, **_GO_AWAY), ErrorCode.INVALID_FIELD)
+        for k in _GO_AWAY
+    ),
+    ("go-away-empty", _pack(_T.GO_AWAY), ErrorCode.INVALID_FIELD),
     ("nil-request", _pack(_T.FRIENDS_OK, r=None), ErrorCode.INVALID_FIELD),
     # wrong types and ranges
     ("request-bool", _pack(_T.FRIENDS_OK, r=True), ErrorCode.INVALID_FIELD),
@@ -287,6 +308,28 @@ MALFORMED: list[tuple[str, bytes, ErrorCode]] = [
     ("session-long", _pack(_T.PING, s=SESSION + b"\x00"), ErrorCode.INVALID_FIELD),
     ("session-empty", _pack(_T.PING, s=b""), ErrorCode.INVALID_FIELD),
     ("session-list", _pack(_T.PING, s=list(SESSION)), ErrorCode.INVALID_FIELD),
+    *(
+        (
+            f"go-away-session-{n}",
+            _pack(_T.GO_AWAY, **{**_GO_AWAY, "s": bad}),
+            ErrorCode.INVALID_FIELD,
+        )
+        for n, bad in (
+            ("short", SESSION[:-1]),
+            ("long", SESSION + b"\x00"),
+            ("empty", b""),
+            ("str", "x" * SESSION_BYTES),
+            ("nil", None),
+        )
+    ),
+    *(
+        (
+            f"go-away-reason-{w!r}",
+            _pack(_T.GO_AWAY, **{**_GO_AWAY, "w": w}),
+            ErrorCode.INVALID_FIELD,
+        )
+        for w in (-1, 256, 2**32, True, False, "1", 1.0, None, [1])
+    ),
     (
         "ping-interval-float",
         _pack(_T.CONNECT_OK, **{**_CONNECT_OK, "pi": 1.5}),
@@ -436,6 +479,7 @@ def test_malformed_cases_are_distinct() -> None:
     decode(_pack(_T.SNAPSHOT, **_SNAPSHOT))
     decode(_pack(_T.NOTIFY, q=1, f=["a", True, 1]))
     decode(_pack(_T.ERROR, r=1, e=1))
+    decode(_pack(_T.GO_AWAY, **_GO_AWAY))
 
 
 def test_a_full_size_datagram_is_accepted() -> None:
@@ -447,7 +491,7 @@ def test_a_full_size_datagram_is_accepted() -> None:
 # ---------------------------------------------------------------------------
 # decode() never raises anything but ProtocolError.
 
-REAL_KEYS = ["v", "t", "r", "s", "c", "u", "f", "a", "pi", "to", "q", "done", "op", "p", "n", "e"]
+REAL_KEYS = "v t r s c u f a pi to q done op p n e w".split()
 
 _scalars = st.one_of(
     st.none(),
@@ -476,7 +520,7 @@ _shallow = st.one_of(_scalars, st.lists(_scalars, max_size=4))
 _datagrams = st.fixed_dictionaries(
     {
         "v": st.one_of(st.just(PROTOCOL_VERSION), _scalars),
-        "t": st.one_of(st.integers(0, 13), _scalars),
+        "t": st.one_of(st.integers(0, len(MessageType) + 1), _scalars),
     },
     optional={key: _shallow for key in REAL_KEYS if key not in ("v", "t")},
 )
@@ -488,7 +532,7 @@ _states = st.lists(
 # Nearly valid datagrams: right version and type, fields of the right kinds, so the
 # deep decoder paths run too.
 _near_valid = st.fixed_dictionaries(
-    {"v": st.just(PROTOCOL_VERSION), "t": st.integers(1, 12)},
+    {"v": st.just(PROTOCOL_VERSION), "t": st.integers(1, len(MessageType))},
     optional={
         "r": st.integers(-1, MAX_REQUEST_ID + 1),
         "s": st.sampled_from([SESSION, SESSION[:5], "s" * 16]),
@@ -506,6 +550,7 @@ _near_valid = st.fixed_dictionaries(
         "p": st.integers(-1, 65),
         "n": st.integers(-1, 65),
         "e": st.integers(0, 21),
+        "w": st.integers(-1, 256),
     },
 )
 
