@@ -431,7 +431,12 @@ async def run_client(
                 connecting.cancel()
                 with contextlib.suppress(asyncio.CancelledError, PresenceClientError):
                     await connecting
-            await client.disconnect()
+            try:
+                await client.disconnect()
+            except PresenceClientError as exc:
+                # The daemon drops the session after its timeout; say so, do not hide it.
+                print(f"{PROG}: warning: {exc}", file=err, flush=True)
+                return 1
         return 0
     finally:
         for signum in signals:
