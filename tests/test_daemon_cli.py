@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -261,8 +262,9 @@ def test_new_settings_from_flags_and_variables() -> None:
 )
 def test_new_settings_out_of_range_name_the_flag(field: str, value: float) -> None:
     flag = "--" + field.replace("_", "-")
+    settings: dict[str, Any] = {field: value}
     with pytest.raises(ConfigError, match=f"^{flag}: invalid value"):
-        Config(**{field: value})
+        Config(**settings)
 
 
 def test_pick_instance_id() -> None:

@@ -16,12 +16,27 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from helpers import wait_for
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError
 from presence_daemon import keys
-from presence_daemon.presence import Connection, Delivery, Presence, PresenceError, Transition
+from presence_daemon.presence import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_REDIS_TIMEOUT,
+    FENCE_MARGIN,
+    Connection,
+    Delivery,
+    InstanceIdInUse,
+    Presence,
+    PresenceError,
+    Replaced,
+    Superseded,
+    Transition,
+    parse_inbox,
+    redis_client,
+)
 
 ROUNDS = 50
 INSTANCES = 4
@@ -96,6 +111,18 @@ async def assert_query_agrees(presence: Presence, transitions: Iterable[Transiti
     assert await presence.query(last) == last
 
 
+def now_ms(presence: Presence) -> int:
+    """The instance's "now" in ms, as it passes it to the scripts. Versions are seeded from
+    it (every bump is max(old + 1, now)), so a version decided after this call is >= it."""
+    return round(presence.now() * 1000)
+
+
+async def redis_ms(r: Redis) -> int:
+    """Redis's clock in ms (the clock fences are compared with)."""
+    seconds, micros = await r.time()
+    return seconds * 1000 + micros // 1000
+
+
 # ---------------------------------------------------------------------------
 # Basics
 
@@ -103,20 +130,24 @@ async def assert_query_agrees(presence: Presence, transitions: Iterable[Transiti
 async def test_connected_disconnected_query(presence: Presence) -> None:
     rec = Recorder([presence])
     assert await presence.query(["alice", "bob"]) == {"alice": False, "bob": False}
+    before = now_ms(presence)
     c1 = await presence.connected("c1", "alice", address="1.2.3.4:5")
-    assert c1.went_online and c1.version == 1 and len(c1.token) == 32
+    assert c1.went_online and c1.version >= before and len(c1.token) == 32
     assert await presence.query(["alice", "bob"]) == {"alice": True, "bob": False}
     assert await presence.clients("alice") == {"c1": ("p0", "1.2.3.4:5")}
     c2 = await presence.connected("c2", "alice")
-    assert not c2.went_online and c2.version == 1 and c2.token != c1.token
-    assert rec.take() == [Transition("alice", True, 1)]
+    # No change to how alice looks: the same version.
+    assert not c2.went_online and c2.version == c1.version and c2.token != c1.token
+    assert rec.take() == [Transition("alice", True, c1.version)]
 
     assert await presence.disconnected("c1", user="alice", token=c1.token) is True
     assert await presence.query(["alice"]) == {"alice": True}
     assert rec.take() == []
     assert await presence.disconnected("c2", user="alice", token=c2.token) is True
     assert await presence.query(["alice"]) == {"alice": False}
-    assert rec.take() == [Transition("alice", False, 2)]
+    [offline] = rec.take()
+    assert offline == Transition("alice", False, offline.version)
+    assert offline.version > c1.version  # one more change: a higher version
     # Idempotent: a second disconnect changes nothing.
     assert await presence.disconnected("c2", user="alice", token=c2.token) is False
     assert await presence.disconnected("c2") is False
@@ -163,14 +194,16 @@ async def test_transitions_iterator(presence: Presence) -> None:
     iterator = presence.transitions()
     first = asyncio.ensure_future(anext(iterator))
     await wait_for(lambda: len(presence._listeners) == 1, what="iterator subscribed")
-    await presence.connected("c1", "alice")
+    c1 = await presence.connected("c1", "alice")
     await presence.connected("c2", "alice")  # no transition
     await presence.disconnected("c1")
-    await presence.connected("c3", "bob")
+    c3 = await presence.connected("c3", "bob")
     await presence.disconnected("c2")
-    assert await asyncio.wait_for(first, 5) == Transition("alice", True, 1)
-    assert await asyncio.wait_for(anext(iterator), 5) == Transition("bob", True, 1)
-    assert await asyncio.wait_for(anext(iterator), 5) == Transition("alice", False, 2)
+    assert await asyncio.wait_for(first, 5) == Transition("alice", True, c1.version)
+    assert await asyncio.wait_for(anext(iterator), 5) == Transition("bob", True, c3.version)
+    offline = await asyncio.wait_for(anext(iterator), 5)
+    assert (offline.user, offline.online) == ("alice", False)
+    assert offline.version > c1.version
     await iterator.aclose()  # type: ignore[attr-defined]
     assert presence._listeners == []
 
@@ -183,11 +216,11 @@ async def test_subscribe_and_unsubscribe(presence: Presence) -> None:
         raise RuntimeError("a failing listener must not break the others")
 
     presence.subscribe(broken)
-    await presence.connected("c1", "alice")
-    assert seen == [Transition("alice", True, 1)]
+    c1 = await presence.connected("c1", "alice")
+    assert seen == [Transition("alice", True, c1.version)]
     unsubscribe()
     await presence.disconnected("c1")
-    assert seen == [Transition("alice", True, 1)]
+    assert seen == [Transition("alice", True, c1.version)]
     assert await presence.query(["alice"]) == {"alice": False}
 
 
@@ -207,7 +240,7 @@ async def test_client_id_in_use_by_another_user(presence: Presence, r: Redis) ->
     assert await r.get(keys.client_key("shared")) == binding
     assert await presence.clients("alice") == {"shared": ("p0", "")}
     assert await r.exists(keys.clients_key("bob")) == 0
-    assert rec.take() == [Transition("alice", True, 1)]
+    assert rec.take() == [Transition("alice", True, a.version)]
     # Once alice lets go, bob may take it.
     assert await presence.disconnected("shared", user="alice", token=a.token) is True
     b = await presence.connected("shared", "bob")
@@ -351,9 +384,9 @@ async def test_disconnect_by_client_id_after_racing_connects(presence: Presence,
     scripts, key = presence.scripts, keys.client_key("c")
     assert await scripts.call(r, "claim", [key], ["alice", "aa" * 16, 1, "", 0]) == ""
     assert await scripts.call(r, "claim", [key], ["alice", "bb" * 16, 2, "", 0]) == ""
-    user_keys = keys.user_keys("alice")
-    await scripts.call(r, "connect", user_keys, ["c", f"{'bb' * 16}|p1|"])
-    await scripts.call(r, "connect", user_keys, ["c", f"{'aa' * 16}|p0|"])
+    user_keys, now = keys.user_keys("alice"), now_ms(presence)
+    await scripts.call(r, "connect", user_keys, ["c", f"{'bb' * 16}|p1|", now, 0, "connect"])
+    await scripts.call(r, "connect", user_keys, ["c", f"{'aa' * 16}|p0|", now, 0, "connect"])
     assert await presence.query(["alice"]) == {"alice": True}
     assert await presence.disconnected("c") is True
     assert await presence.query(["alice"]) == {"alice": False}
@@ -533,9 +566,11 @@ async def test_stale_disconnect_after_reconnect_removes_nothing(
     assert await instances[0].query(["alice"]) == {"alice": True}
     assert await instances[0].clients("alice") == {"dev": ("p1", "")}
     assert await binding_of(r, "dev") == f"alice|{new.token}"
-    assert rec.take() == [Transition("alice", True, 1)]
+    assert new.version == old.version
+    assert rec.take() == [Transition("alice", True, old.version)]
     assert await instances[1].disconnected("dev", user="alice", token=new.token) is True
-    assert rec.take() == [Transition("alice", False, 2)]
+    [offline] = rec.take()
+    assert (offline.user, offline.online) == ("alice", False) and offline.version > old.version
 
 
 # ---------------------------------------------------------------------------
@@ -918,10 +953,10 @@ async def test_a_clean_close_gives_up_the_lease_and_registration(
 async def test_an_owner_whose_lease_lapsed_learns_it_and_is_told_to_register_again(
     make_presence: MakePresence, r: Redis
 ) -> None:
-    lost: list[str] = []
+    lost: list[bool] = []
 
-    async def register_again() -> None:
-        lost.append("lost")
+    async def register_again(state_lost: bool) -> None:
+        lost.append(state_lost)
 
     survivor = await make_presence(instance_id="survivor")
     stalled = await make_presence(
@@ -940,18 +975,31 @@ async def test_an_owner_whose_lease_lapsed_learns_it_and_is_told_to_register_aga
     # The stall ends: the next renewal finds the lease lost, registers the owner again
     # and asks it to put its clients back.
     assert await stalled.renew_lease() is False
-    await wait_for(lambda: lost == ["lost"], what="on_lease_lost is called")
+    # A lapse, not data loss: the marker is still there.
+    await wait_for(lambda: lost == [False], what="on_lease_lost(False) is called")
     assert stalled.lease_losses == 1
     assert "stalled" in await r.smembers(keys.OWNERS_KEY)
     assert await stalled.renew_lease() is True
 
 
 async def test_a_second_live_process_cannot_take_an_instance_id(
-    make_presence: MakePresence,
+    make_presence: MakePresence, r: Redis
 ) -> None:
-    await make_presence(instance_id="busy", lease_ttl=0.2)
-    with pytest.raises(RuntimeError, match="in use"):
-        await make_presence(instance_id="busy", lease_ttl=0.2)
+    assert issubclass(InstanceIdInUse, RuntimeError)
+    holder = await make_presence(instance_id="busy")  # the default TTL
+    c = await holder.connected("a1", "alice")
+    token = await r.get(keys.lease_key("busy"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(InstanceIdInUse, match="in use"):
+        await make_presence(instance_id="busy")
+    # Quickly: the holder's renewals prove it alive; the TTL is not waited out.
+    assert loop.time() - started < DEFAULT_LEASE_TTL / 2
+    # The holder is untouched: same tenure, its client still connected.
+    assert await r.get(keys.lease_key("busy")) == token
+    assert await holder.renew_lease() is True
+    assert await holder.clients("alice") == {"a1": ("busy", "")}
+    assert await r.smembers(keys.owned_key("busy")) == {f"alice|a1|{c.token}"}
 
 
 async def test_reconcile_removes_entries_this_owner_no_longer_holds(
@@ -960,6 +1008,9 @@ async def test_reconcile_removes_entries_this_owner_no_longer_holds(
     owner = await make_presence(instance_id="owner")
     kept = await owner.connected("a1", "alice")
     lost = await owner.connected("b1", "bob")
+    listed: set[str] = set()
+    assert await owner.reconcile(lambda token: True, listed=listed) == 0
+    assert listed == {kept.token, lost.token}  # every member seen is listed
     assert await owner.reconcile(lambda token: True) == 0
     assert await owner.reconcile(lambda token: token == kept.token) == 1
     assert await owner.query(["alice", "bob"]) == {"alice": True, "bob": False}
@@ -980,3 +1031,393 @@ async def test_connecting_the_same_session_again_keeps_it_reapable(
     again = await owner.connected("a1", "alice", token=first.token)
     assert not again.went_online
     assert await r.smembers(keys.owned_key("owner")) == {f"alice|a1|{first.token}"}
+
+
+# ---------------------------------------------------------------------------
+# Leases: renewal, lapse, data loss, fencing.
+
+
+async def test_renewing_a_deleted_lease_reports_a_lapse_and_takes_a_new_tenure(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    lost: list[bool] = []
+
+    async def on_lost(state_lost: bool) -> None:
+        lost.append(state_lost)
+
+    p = await make_presence(instance_id="own", on_lease_lost=on_lost)
+    die(p)  # only the renewals this test makes
+    lease, marker = keys.lease_key("own"), keys.marker_key("own")
+    first_tenure = await r.get(lease)
+    assert first_tenure and await r.exists(marker) == 1
+    assert await p.renew_lease() is True and lost == []
+
+    # The lease lapsed (the marker remembers the owner): False, on_lease_lost(False).
+    await r.delete(lease)
+    assert await p.renew_lease() is False
+    await wait_for(lambda: lost == [False], what="on_lease_lost(False) is called")
+    assert p.lease_losses == 1
+    # A new tenure holds the lease: the renewal did not re-create the old one.
+    second_tenure = await r.get(lease)
+    assert second_tenure and second_tenure != first_tenure
+    assert await p.renew_lease() is True
+    assert await r.get(lease) == second_tenure and lost == [False]
+
+    # Lease and marker gone: Redis lost this owner's state, on_lease_lost(True).
+    await r.delete(lease, marker)
+    assert await p.renew_lease() is False
+    await wait_for(lambda: lost == [False, True], what="on_lease_lost(True) is called")
+    assert p.lease_losses == 2
+    assert await r.exists(lease, marker) == 2  # taken again, marker and all
+    assert await r.get(lease) not in (first_tenure, second_tenure)
+    assert "own" in await r.smembers(keys.OWNERS_KEY)
+    assert await p.renew_lease() is True
+
+
+async def test_the_fence_is_when_the_lease_runs_out_less_a_margin(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    ttl_ms = round(DEFAULT_LEASE_TTL * 1000)
+    margin = round(min(FENCE_MARGIN * 1000, ttl_ms / 10))
+    before = await redis_ms(r)
+    p = await make_presence(instance_id="own")
+    die(p)
+    after = await redis_ms(r)
+    assert before + ttl_ms - margin <= p.fence_ms <= after + ttl_ms - margin
+    fence = p.fence_ms
+    assert await p.renew_lease() is True
+    assert p.fence_ms >= fence
+    # Without a lease there is no fence.
+    free = await make_presence(instance_id="free", lease_ttl=None)
+    assert free.fence_ms == 0
+    assert (await free.connected("f1", "fred")).went_online
+
+
+async def test_a_connect_that_reaches_redis_after_the_fence_writes_nothing(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    p = await make_presence(instance_id="own")
+    die(p)
+    rec = Recorder([p])
+    # As if the lease ran out while the call was on its way (a stall, a slow socket).
+    p.fence_ms = await redis_ms(r) - 1
+    with pytest.raises(PresenceError) as info:
+        await p.connected("a1", "alice")
+    assert info.value.code is ErrorCode.TRY_AGAIN
+    assert await p.query(["alice"]) == {"alice": False}
+    assert await r.exists(keys.clients_key("alice"), keys.user_keys("alice")[1]) == 0
+    assert await r.exists(keys.pending_key("alice")) == 0
+    assert await r.scard(keys.owned_key("own")) == 0
+    assert rec.take() == []
+    # A restore is fenced the same way.
+    with pytest.raises(PresenceError) as info:
+        await p.connected("a1", "alice", restore=True, token="ab" * 16)
+    assert info.value.code is ErrorCode.TRY_AGAIN
+    assert await r.exists(keys.clients_key("alice")) == 0
+    # Renewed, the fence moves on and the retry succeeds.
+    assert await p.renew_lease() is True
+    c = await p.connected("a1", "alice")
+    assert c.went_online
+    assert await r.smembers(keys.owned_key("own")) == {f"alice|a1|{c.token}"}
+
+
+async def test_live_owners_are_the_others_whose_lease_is_held(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    a = await make_presence(instance_id="a")
+    b = await make_presence(instance_id="b")
+    c = await make_presence(instance_id="c")
+    await make_presence(instance_id="solo", lease_ttl=None)  # no lease: not an owner
+    assert await a.live_owners() == ["b", "c"]
+    assert await b.live_owners() == ["a", "c"]
+    die(c)
+    await r.delete(keys.lease_key("c"))  # c's lease ran out (still registered)
+    assert "c" in await r.smembers(keys.OWNERS_KEY)
+    assert await a.live_owners() == ["b"]
+    assert await c.live_owners() == ["a", "b"]
+
+
+async def test_from_url_uses_a_blocking_pool_with_timeouts(redis_url: str) -> None:
+    p = Presence.from_url(redis_url, lease_ttl=None)
+    try:
+        pool = p.redis.connection_pool
+        assert isinstance(pool, BlockingConnectionPool)
+        assert pool.connection_kwargs["socket_timeout"] == DEFAULT_REDIS_TIMEOUT
+        assert pool.connection_kwargs["socket_connect_timeout"] == DEFAULT_REDIS_TIMEOUT
+        await p.start()
+        assert (await p.connected("a1", "alice")).went_online
+    finally:
+        await p.close()
+    client = redis_client(redis_url, max_connections=3, timeout=0.5)
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, BlockingConnectionPool)
+        assert pool.max_connections == 3 and pool.timeout == 0.5
+        assert pool.connection_kwargs["socket_timeout"] == 0.5
+        assert pool.connection_kwargs["decode_responses"] is True
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Versions seeded from the clock.
+
+
+async def test_versions_keep_growing_when_the_users_keys_are_lost(
+    presence: Presence, r: Redis
+) -> None:
+    rec = Recorder([presence])
+    before = now_ms(presence)
+    c = await presence.connected("a1", "alice")
+    assert c.version >= before
+    await presence.disconnected("a1")
+    [_, offline] = rec.take()
+    assert offline.version > c.version
+    # Redis loses alice's keys (restarted empty, say). Versions may run ahead of the clock
+    # by one per change made within one ms; a restart takes far longer than that, which
+    # the wait stands for.
+    await r.delete(*keys.user_keys("alice"))
+    await wait_for(lambda: now_ms(presence) > offline.version, what="the clock passes it")
+    again = await presence.connected("a1", "alice")
+    assert again.went_online and again.version > offline.version
+    assert rec.take() == [Transition("alice", True, again.version)]
+
+
+async def test_a_snapshot_of_a_user_without_a_version_stores_one(
+    presence: Presence, r: Redis
+) -> None:
+    await presence.set_friends("viewer", ["ghost"])
+    await r.delete(*keys.user_keys("ghost"))  # ghost's keys were lost
+    before = now_ms(presence)
+    [state] = await presence.friend_view("viewer")
+    assert (state.name, state.online) == ("ghost", False) and state.version >= before
+    # Stored: the next snapshot hands out the same version, and a later change of ghost
+    # is numbered above it.
+    assert int(await r.get(keys.user_keys("ghost")[1]) or 0) == state.version
+    assert await presence.friend_view("viewer") == [state]
+    assert (await presence.connected("g1", "ghost")).version > state.version
+
+
+# ---------------------------------------------------------------------------
+# Calls for one client id apply in call order.
+
+
+async def test_calls_for_one_client_id_apply_in_call_order(presence: Presence, r: Redis) -> None:
+    rec = Recorder([presence])
+    for i in range(30):
+        first, second, removed = await asyncio.gather(
+            presence.connected("9", "sheep"),
+            presence.connected("9", "sheep"),
+            presence.disconnected("9"),
+        )
+        # The disconnect, made last, applied last: sheep is offline, nothing is left.
+        assert removed is True, i
+        assert await presence.query(["sheep"]) == {"sheep": False}, i
+        assert await r.exists(keys.clients_key("sheep"), keys.client_key("9")) == 0, i
+        assert await r.scard(keys.owned_key("p0")) == 0, i
+        assert first.went_online and not second.went_online, i
+        assert second.version == first.version, i
+        online, offline = rec.take()
+        assert online == Transition("sheep", True, first.version), i
+        assert (offline.online, offline.version > online.version) == (False, True), i
+    assert presence._client_locks == {}  # nothing kept once the calls are done
+
+
+# ---------------------------------------------------------------------------
+# Told at least once: the outbox.
+
+
+async def test_a_lost_answer_is_told_by_the_retry(
+    pair: tuple[Presence, Presence], sink: Deliveries, r: Redis
+) -> None:
+    p, q = pair
+    rec = Recorder([p, q])
+    await p.set_friends("alice", ["bob"])
+    await q.set_friends("bob", ["alice"])
+    b1 = await q.connected("b1", "bob")
+    a1 = await p.connected("a1", "alice")
+    assert told(sink.take()) == {("b1", "alice", True)}
+    assert await r.exists(keys.pending_key("alice")) == 0  # told and confirmed
+    rec.take()
+    # The disconnect runs in Redis, but its answer never reaches the caller.
+    removed, went_offline, version, entry, pending = await p.scripts.call(
+        r, "disconnect", keys.user_keys("alice"), ["a1", a1.token, now_ms(p)]
+    )
+    assert (removed, went_offline, entry) == (1, 1, f"{a1.token}|d0|")
+    assert pending == [0, version, "bob"]
+    assert await r.get(keys.pending_key("alice")) == f"0|{version}"
+    assert sink.take() == []
+    # The caller tries again: nothing is left to remove, but the offline transition is
+    # still unconfirmed, so this call tells it and confirms it.
+    retold = p.retold
+    assert await p.disconnected("a1", user="alice", token=a1.token) is False
+    assert sink.take() == [Delivery("d1", "b1", b1.token, FriendState("alice", False, version))]
+    assert await r.exists(keys.pending_key("alice")) == 0
+    assert p.retold == retold + 1
+    assert rec.take() == []  # decided by the first call: not this call's transition
+    # Told once is enough: another retry tells nothing.
+    assert await p.disconnected("a1", user="alice", token=a1.token) is False
+    assert sink.take() == []
+    assert await p.friend_view("bob") == [FriendState("alice", False, version)]
+
+
+async def test_a_connect_after_a_lost_answer_tells_the_pending_online(
+    pair: tuple[Presence, Presence], sink: Deliveries, r: Redis
+) -> None:
+    p, q = pair
+    await p.set_friends("alice", ["bob"])
+    await q.set_friends("bob", ["alice"])
+    b1 = await q.connected("b1", "bob")
+    sink.take()
+    # alice's connect ran in Redis; its caller never heard back (nobody was told).
+    entry = f"{'aa' * 16}|d0|"
+    status, went_online, version, _, pending = await p.scripts.call(
+        r, "connect", keys.user_keys("alice"), ["a1", entry, now_ms(p), p.fence_ms, "connect"]
+    )
+    assert (status, went_online, pending) == (1, 1, [1, version, "bob"])
+    # The client connects again: a new session, no transition, but bob is told now.
+    again = await p.connected("a1", "alice")
+    assert not again.went_online and again.version == version
+    assert sink.take() == [Delivery("d1", "b1", b1.token, FriendState("alice", True, version))]
+    assert await r.exists(keys.pending_key("alice")) == 0
+
+
+async def test_a_failed_fan_out_is_retried_until_it_succeeds_then_confirmed(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    delivered: list[Delivery] = []
+    link_down = False
+
+    async def flaky(deliveries: list[Delivery]) -> None:
+        if link_down:
+            raise RedisConnectionError("the link is down")
+        delivered.extend(deliveries)
+
+    p = await make_presence(instance_id="d0", deliver=flaky)
+    await p.set_friends("alice", ["bob"])
+    await p.set_friends("bob", ["alice"])
+    b1 = await p.connected("b1", "bob")
+    link_down = True
+    a1 = await p.connected("a1", "alice")  # decided; the telling fails for now
+    assert a1.went_online
+    # Retried in the background, and unconfirmed while it fails.
+    await wait_for(lambda: p.fan_out_failures >= 3, what="the fan-out is retried")
+    assert await r.get(keys.pending_key("alice")) == f"1|{a1.version}"
+    assert delivered == []
+    link_down = False
+
+    async def confirmed() -> bool:
+        return not await r.exists(keys.pending_key("alice"))
+
+    await wait_for(confirmed, what="the retried fan-out confirms the outbox")
+    assert delivered == [Delivery("d0", "b1", b1.token, FriendState("alice", True, a1.version))]
+    await wait_for(lambda: not p._retries, what="the retry stops once it succeeded")
+
+
+# ---------------------------------------------------------------------------
+# Restore, and replaced sessions.
+
+
+async def test_restore_puts_a_session_back_unless_a_newer_one_holds_the_client_id(
+    instances: list[Presence], r: Redis
+) -> None:
+    p, q = instances[:2]
+    rec = Recorder([p, q])
+    old = await p.connected("a1", "alice", address="1.2.3.4:5")
+    # A survivor reaped it while p's lease had lapsed.
+    assert await q.disconnected("a1", user="alice", token=old.token) is True
+    assert await binding_of(r, "a1") is None
+    # p puts it back: same token, same owner, bound again.
+    back = await p.connected("a1", "alice", address="1.2.3.4:5", restore=True, token=old.token)
+    assert back.token == old.token and back.went_online and back.version > old.version
+    assert await entries_of(r, "alice") == {"a1": f"{old.token}|p0|1.2.3.4:5"}
+    assert await binding_of(r, "a1") == f"alice|{old.token}"
+    assert await r.smembers(keys.owned_key("p0")) == {f"alice|a1|{old.token}"}
+    # Putting back what is there changes nothing.
+    again = await p.connected("a1", "alice", address="1.2.3.4:5", restore=True, token=old.token)
+    assert not again.went_online and again.version == back.version
+    assert await r.smembers(keys.owned_key("p0")) == {f"alice|a1|{old.token}"}
+    # The client failed over meanwhile: a newer session through q.
+    new = await q.connected("a1", "alice")
+    assert not new.went_online
+    with pytest.raises(Superseded) as info:
+        await p.connected("a1", "alice", restore=True, token=old.token)
+    assert isinstance(info.value, PresenceError)
+    assert info.value.code is ErrorCode.UNKNOWN_SESSION
+    # Nothing changed: the newer session stays, p holds nothing.
+    assert await entries_of(r, "alice") == {"a1": f"{new.token}|p1|"}
+    assert await binding_of(r, "a1") == f"alice|{new.token}"
+    assert await r.scard(keys.owned_key("p0")) == 0
+    assert await r.smembers(keys.owned_key("p1")) == {f"alice|a1|{new.token}"}
+    # alice went offline when reaped and online when put back; never since.
+    reaped_online, reaped, restored = rec.take()
+    assert reaped_online == Transition("alice", True, old.version)
+    assert (reaped.online, old.version < reaped.version < back.version) == (False, True)
+    assert restored == Transition("alice", True, back.version)
+
+
+async def test_restore_needs_a_valid_token(presence: Presence) -> None:
+    with pytest.raises(ValueError, match="restore"):
+        await presence.connected("a1", "alice", restore=True)
+    with pytest.raises(ValueError, match="token"):
+        await presence.connected("a1", "alice", restore=True, token="not hex")
+    assert await presence.query(["alice"]) == {"alice": False}
+
+
+async def test_a_connect_that_replaces_another_owners_entry_tells_that_owner(
+    instances: list[Presence], r: Redis
+) -> None:
+    p, q = instances[:2]
+    channels = [keys.inbox_channel("p0"), keys.inbox_channel("p1")]
+    async with r.pubsub() as pubsub:
+        await pubsub.subscribe(*channels)
+        confirmed = 0
+        while confirmed < len(channels):
+            message = await pubsub.get_message(timeout=5.0)
+            assert message is not None, "subscription not confirmed"
+            confirmed += message["type"] == "subscribe"
+
+        old = await p.connected("a1", "alice")
+        new = await q.connected("a1", "alice")  # replaces p0's session: p0 is told
+        newer = await q.connected("a1", "alice")  # replaces q's own: nobody is told
+        await q.connected("a1", "alice", token=newer.token)  # the same session: neither
+        assert new.token != old.token
+        for channel in channels:  # a last message on each, to know all were read
+            await r.publish(channel, "[]")
+        got: dict[str, list[str]] = {channel: [] for channel in channels}
+        ends = 0
+        while ends < len(channels):
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+            assert message is not None, got
+            got[message["channel"]].append(message["data"])
+            ends += message["data"] == "[]"
+    inbox_p0, inbox_p1 = got[channels[0]], got[channels[1]]
+    assert inbox_p1 == ["[]"]
+    assert len(inbox_p0) == 2 and inbox_p0[-1] == "[]"
+    assert parse_inbox(inbox_p0[0]) == ([], [Replaced("a1", old.token)])
+    assert await entries_of(r, "alice") == {"a1": f"{newer.token}|p1|"}
+
+
+def test_parse_inbox_reads_deliveries_and_replaced_sessions() -> None:
+    message = '[["c1","ab12ab12","bob",true,7],["c2","cd34cd34"],["c3","ef56ef56","Zoë",false,0]]'
+    deliveries, replaced = parse_inbox(message)
+    assert deliveries == [
+        Delivery("", "c1", "ab12ab12", FriendState("bob", True, 7)),
+        Delivery("", "c3", "ef56ef56", FriendState("Zoë", False, 0)),
+    ]
+    assert replaced == [Replaced("c2", "cd34cd34")]
+    assert parse_inbox(b"[]") == ([], [])
+    for bad in ("{", "5", '[["c1"]]', '[["a b","t"]]', '[["c1","t","bob",true]]', "null"):
+        with pytest.raises(ValueError, match="malformed inbox"):
+            parse_inbox(bad)
+
+
+def test_parse_inbox_raises_only_value_error_for_malformed_items() -> None:
+    # The daemon's inbox listener catches ValueError only: anything else escaping
+    # parse_inbox ends the listener task, and the daemon hears no more notifications.
+    # An item that is a JSON object of two keys is indexed (item[0]) as a Replaced
+    # pair and raises KeyError.
+    for bad in ('[{"a":1,"b":2}]', '[{"c1":1,"t":2}]', '[["c1","ab12ab12"],{"x":"y","z":"w"}]'):
+        with pytest.raises(ValueError, match="malformed inbox"):
+            parse_inbox(bad)

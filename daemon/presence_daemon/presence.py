@@ -227,16 +227,30 @@ def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
     message is malformed."""
     try:
         deliveries, replaced = [], []
-        for item in json.loads(data):
+        items = json.loads(data)
+        if type(items) is not list:
+            raise ValueError("not a list")
+        for item in items:
+            if type(item) is not list or len(item) not in (2, 5):
+                raise ValueError(f"bad item {item!r}")
             if len(item) == 2:
-                replaced.append(Replaced(check_name(item[0], "client id"), str(item[1])))
+                client_id, token = item
+                replaced.append(Replaced(check_name(client_id, "client id"), _inbox_token(token)))
                 continue
             c, t, n, o, v = item
-            friend = FriendState(str(n), bool(o), int(v))
-            deliveries.append(Delivery("", check_name(c, "client id"), str(t), friend))
+            if type(o) is not bool or type(v) is not int or v < 0:
+                raise ValueError(f"bad friend state {item!r}")
+            friend = FriendState(check_name(n, "friend name"), o, v)
+            deliveries.append(Delivery("", check_name(c, "client id"), _inbox_token(t), friend))
         return deliveries, replaced
     except (TypeError, ValueError, ProtocolError) as exc:
         raise ValueError(f"malformed inbox message: {exc}") from None
+
+
+def _inbox_token(value: object) -> str:
+    if type(value) is not str or not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"bad session token {value!r}")
+    return value
 
 
 def _text(value: Any) -> str:
@@ -703,7 +717,15 @@ class Presence:
         await self.redis.sadd(owned, member)
         entry_may_exist = False
         try:
-            if not restore:
+            unbound = False
+            if restore:
+                # Bound to another user meanwhile: the session is not ours to put back.
+                # (Bound to another session of ours: connect.lua decides which is newer.)
+                holder = await self.redis.get(keys.client_key(client_id))
+                if holder is not None and _text(holder).split("|", 1)[0] != user:
+                    raise Superseded(client_id)
+                unbound = holder is None
+            else:
                 await self._claim(client_id, user, token)
             if friends is not None:
                 await self._change_friends(user, "set", friends)
@@ -737,7 +759,7 @@ class Presence:
         # forgets the session), and read the binding back: it lives under another tag,
         # so a concurrent connect of this client id for another user may have taken it
         # over before our entry landed; the binding decides, and the loser undoes its
-        # entry. A restored session binds itself again (a reaper may have unbound it).
+        # entry. A restore whose binding is gone (a reaper released it) binds again.
         bound: Any = None
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -748,16 +770,17 @@ class Presence:
                 if old_owner != self.instance_id:
                     message = json.dumps([[client_id, old_token]], separators=(",", ":"))
                     pipe.publish(keys.inbox_channel(old_owner), message)
-            if restore:
-                self.scripts.queue(
-                    pipe,
-                    "claim",
-                    [keys.client_key(client_id)],
-                    [user, token, self._now_ms(), "", round(self.stale_binding_after * 1000)],
-                )
-            else:
+            if not restore:
                 pipe.get(keys.client_key(client_id))
-            bound = (await pipe.execute())[-1] or None
+            elif unbound:
+                min_age_ms = round(self.stale_binding_after * 1000)
+                args: list[str | int] = [user, token, self._now_ms(), "", min_age_ms]
+                self.scripts.queue(pipe, "claim", [keys.client_key(client_id)], args)
+            results = await pipe.execute() if len(pipe) else []
+            if not restore:
+                bound = results[-1]
+            elif unbound and results[-1]:
+                bound = results[-1]  # claim.lua answers the other user's binding
         except (RedisError, OSError) as exc:
             self.cleanup_failures += 1
             log.warning("after connecting %s: %s", client_id, exc)
@@ -771,11 +794,20 @@ class Presence:
             )
         return Connection(token, bool(went_online), int(version))
 
-    async def _claim(self, client_id: str, user: str, token: str) -> None:
+    async def _claim_once(self, client_id: str, user: str, token: str, stale: str = "") -> str:
+        """Run claim.lua once; '' if the client id is now bound to us, else the holder."""
+        args: list[str | int] = [
+            user,
+            token,
+            self._now_ms(),
+            stale,
+            round(self.stale_binding_after * 1000),
+        ]
         key = keys.client_key(client_id)
-        min_age_ms = round(self.stale_binding_after * 1000)
-        args: list[str | int] = [user, token, self._now_ms(), "", min_age_ms]
-        holder = _text(await self.scripts.call(self.redis, "claim", [key], args))
+        return _text(await self.scripts.call(self.redis, "claim", [key], args))
+
+    async def _claim(self, client_id: str, user: str, token: str) -> None:
+        holder = await self._claim_once(client_id, user, token)
         if not holder:
             return
         other_user = holder.split("|", 1)[0]
@@ -786,9 +818,7 @@ class Presence:
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
             )
-        args[3] = holder
-        holder = _text(await self.scripts.call(self.redis, "claim", [key], args))
-        if holder:
+        if await self._claim_once(client_id, user, token, stale=holder):
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
             )
