@@ -250,7 +250,7 @@ class PresenceClient:
         or no server answered within ``connect_attempts`` attempts.
         """
         self._closed = False
-        await self._connect_once(self.connect_attempts)
+        await self._connect_once(self.connect_attempts, declare=True)
         self._ping_task = asyncio.create_task(self._ping_loop())
 
     async def disconnect(self) -> None:
@@ -392,8 +392,11 @@ class PresenceClient:
 
                     await self._request(build, (FriendsOk,))
         except PresenceClientError as exc:
-            if exc.code is None:
-                raise  # no answer: the daemon may have applied it; keep the names
+            if exc.code in (None, ErrorCode.UNKNOWN_SESSION):
+                # No answer, or the session ended meanwhile (we reconnected): the daemon
+                # may have applied it. Keep the names; the next complete list the
+                # daemon sends (CONNECT_OK, snapshot) says which are really declared.
+                raise
             for name in added:
                 self.versions.pop(name, None)
                 if self.friends.pop(name, False):
@@ -404,20 +407,25 @@ class PresenceClient:
         self._update_declared(op, wanted)
 
     def _update_declared(self, op: FriendsOp, names: list[str]) -> None:
+        """The daemon applied a change: update the names we know (and our own list,
+        if we keep one; a client keeping the stored list keeps doing so)."""
+        known = list(self.friends) if self.declared is None else self.declared
         if op is FriendsOp.SET:
-            self.declared = names
+            known = names
         elif op is FriendsOp.ADD:
-            self.declared = list(dict.fromkeys([*(self.declared or ()), *names]))
+            known = list(dict.fromkeys([*known, *names]))
         else:
-            self.declared = [n for n in self.declared or () if n not in names]
-        kept = set(self.declared)
+            known = [n for n in known if n not in names]
+        if self.declared is not None:
+            self.declared = known
+        kept = set(known)
         for name in list(self.friends):
             if name not in kept:
                 was_online = self.friends.pop(name)
                 self.versions.pop(name, None)
                 if was_online:
                     self._emit(FriendEvent(name, False))
-        for name in self.declared:
+        for name in known:
             self.friends.setdefault(name, False)
 
     # -- connection ----------------------------------------------------------------
@@ -439,11 +447,18 @@ class PresenceClient:
         if self._transport is not None:
             self._transport.sendto(data)
 
-    async def _connect_once(self, attempts: int) -> None:
-        """Connect to a server of the list, starting with the current one."""
-        friends = tuple(self.declared) if self.declared is not None else None
-        if friends is None and self._redeclare:
-            friends = tuple(self.friends)  # the stored list was lost: declare what we know
+    async def _connect_once(self, attempts: int, *, declare: bool) -> None:
+        """Connect to a server of the list, starting with the current one.
+
+        With ``declare`` the CONNECT carries our friend list (the first connect: the
+        user's intent; or after the daemon said its store lost the lists). A reconnect
+        otherwise keeps the stored list, which another client of the user may have
+        changed meanwhile: sending ours again would undo that change.
+        """
+        friends = tuple(self.declared) if self.declared is not None and declare else None
+        if self._redeclare:
+            # The stored list was lost: declare ours, or the names we last knew.
+            friends = tuple(self.declared if self.declared is not None else self.friends)
         if (
             friends is not None
             and len(encode(Connect(0, self.client_id, self.user, friends))) > MAX_DATAGRAM
@@ -560,7 +575,7 @@ class PresenceClient:
         backoff = self.request_timeout
         while not self._closed:
             try:
-                await self._connect_once(len(self.servers) * ATTEMPTS_PER_SERVER)
+                await self._connect_once(len(self.servers) * ATTEMPTS_PER_SERVER, declare=False)
                 return
             except PresenceClientError as exc:
                 log.warning("reconnect failed: %s", exc)

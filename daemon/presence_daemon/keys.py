@@ -18,7 +18,7 @@ def user_keys(user: str) -> tuple[str, str, str, str, str]:
 
     ``clients`` (hash client id -> "token|owner|address"), ``version`` (string),
     ``friends`` (set: whom the user declared), ``fans`` (set: who declared the user),
-    ``pending`` (string "online|version": a decided transition not yet confirmed told).
+    ``pending`` (string "online|version|decided_ms": a transition not yet confirmed told).
     """
     tag = f"{PREFIX}:{{{user}}}"
     return (
@@ -31,7 +31,7 @@ def user_keys(user: str) -> tuple[str, str, str, str, str]:
 
 
 def pending_key(user: str) -> str:
-    """The user's outbox: "online|version" of a decided transition not yet confirmed told."""
+    """The user's outbox: "online|version|decided_ms" of a transition not yet confirmed told."""
     return f"{PREFIX}:{{{user}}}:pending"
 
 

@@ -104,6 +104,9 @@ FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
 """Seconds before each background retry of a fan-out that hit a Redis error; the last
 one repeats until Redis answers or the instance closes."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
+OUTBOX_GRACE: Final = 2.0
+"""Seconds an unconfirmed transition is left to the call that decided it; older, any
+call that touches the user tells it again (its decider lost the answer, or died)."""
 
 
 class PresenceError(Exception):
@@ -175,8 +178,10 @@ class Delivery:
     """The client to tell."""
     token: str
     """The session the notification is for (hex); a newer session ignores it."""
-    friend: FriendState
-    """What to tell: a friend's name, visible status and version."""
+    friend: FriendState | None
+    """What to tell: a friend's name, visible status and version; None means "your
+    user's friend list changed": the client should fetch a snapshot (the daemon makes
+    it see a sequence gap), as a NOTIFY cannot say that a name was removed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,11 +236,15 @@ def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
         if type(items) is not list:
             raise ValueError("not a list")
         for item in items:
-            if type(item) is not list or len(item) not in (2, 5):
+            if type(item) is not list or len(item) not in (2, 3, 5):
                 raise ValueError(f"bad item {item!r}")
             if len(item) == 2:
                 client_id, token = item
                 replaced.append(Replaced(check_name(client_id, "client id"), _inbox_token(token)))
+                continue
+            if len(item) == 3:  # [client id, token, 0]: the user's list changed
+                c, t, _ = item
+                deliveries.append(Delivery("", check_name(c, "client id"), _inbox_token(t), None))
                 continue
             c, t, n, o, v = item
             if type(o) is not bool or type(v) is not int or v < 0:
@@ -728,7 +737,7 @@ class Presence:
             else:
                 await self._claim(client_id, user, token)
             if friends is not None:
-                await self._change_friends(user, "set", friends)
+                await self._change_friends(user, "set", friends, origin=client_id)
             entry_may_exist = True
             status, went_online, version, previous, pending = await self.scripts.call(
                 self.redis,
@@ -740,6 +749,7 @@ class Presence:
                     self._now_ms(),
                     self.fence_ms,
                     "restore" if restore else "connect",
+                    round(OUTBOX_GRACE * 1000),
                 ],
             )
             if status != 1:
@@ -747,12 +757,15 @@ class Presence:
                 if status == 2:
                     raise Superseded(client_id)
                 raise PresenceError(ErrorCode.TRY_AGAIN, "this owner's lease ran out")
-        except BaseException:
+        except BaseException as exc:
             # If the connect script may have run (its answer lost), the member stays so
-            # the entry can still be found and removed (reconcile(), reap, restart).
+            # the entry can still be found and removed (reconcile(), reap, restart), and
+            # a transition it may have decided is told once Redis answers again.
             if not entry_may_exist:
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.srem(owned, member)
+            elif isinstance(exc, RedisError | OSError):
+                self._settle_later(user)
             raise
         # From here on the entry exists: nothing may stop its transition being told.
         # Take the replaced entry out of its owner's set (and tell that owner, so it
@@ -848,12 +861,16 @@ class Presence:
             return await self._disconnect(client_id, user, token)
 
     async def _disconnect(self, client_id: str, user: str, token: str | None) -> bool:
-        removed, went_offline, _, entry, pending = await self.scripts.call(
-            self.redis,
-            "disconnect",
-            keys.user_keys(user),
-            [client_id, token or "", self._now_ms()],
-        )
+        try:
+            removed, went_offline, _, entry, pending = await self.scripts.call(
+                self.redis,
+                "disconnect",
+                keys.user_keys(user),
+                [client_id, token or "", self._now_ms(), round(OUTBOX_GRACE * 1000)],
+            )
+        except (RedisError, OSError):
+            self._settle_later(user)  # the script may have run: its answer was lost
+            raise
         # Told before the owner-set member goes: while the member is there, a reaper or
         # reconciliation that finds it disconnects again and so tells what is pending.
         await self._tell(user, pending, decided=bool(went_offline))
@@ -888,19 +905,47 @@ class Presence:
         """
         if not pending:
             return
-        online, version = bool(pending[0]), int(pending[1])
+        online, version, since = bool(pending[0]), int(pending[1]), int(pending[2])
         if decided:
             self._emit(Transition(user, online, version))
         else:
             self.retold += 1
         state = FriendState(user, online, version)
         await self._fan_out(
-            [(_text(name), state) for name in pending[2:]],
-            confirm=("told", [keys.pending_key(user)], [f"{int(online)}|{version}"]),
+            [(_text(name), state) for name in pending[3:]],
+            confirm=("told", [keys.pending_key(user)], [f"{int(online)}|{version}|{since}"]),
         )
 
+    def _settle_later(self, user: str) -> None:
+        """A connect or disconnect of ``user`` got no answer: its script may have run
+        and decided a transition. Once that would count as abandoned, read the outbox
+        (retrying until Redis answers) and tell what is there."""
+
+        async def settle() -> None:
+            delay = OUTBOX_GRACE
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    pending = await self.scripts.call(
+                        self.redis,
+                        "settle",
+                        keys.user_keys(user),
+                        [self._now_ms(), round(OUTBOX_GRACE * 1000)],
+                    )
+                except (RedisError, OSError):
+                    delay = FAN_OUT_RETRY_DELAYS[-1]
+                    continue
+                await self._tell(user, pending, decided=False)
+                return
+
+        self._background(settle())
+
     async def _fan_out(
-        self, targets: list[tuple[str, FriendState]], *, confirm: Call | None = None
+        self,
+        targets: list[tuple[str, FriendState | None]],
+        *,
+        confirm: Call | None = None,
+        origin: str | None = None,
     ) -> None:
         """Deliver a decided change to every client of each target user; then run the
         ``confirm`` script call, which empties the outbox entry that recorded it.
@@ -911,35 +956,47 @@ class Presence:
         told again by the next call that touches the user.)
         """
         try:
-            await self._deliver_and_confirm(targets, confirm)
+            await self._deliver_and_confirm(targets, confirm, origin)
         except (RedisError, OSError) as exc:
             self.fan_out_failures += 1
             log.warning("fan-out failed (%s); retrying in the background", exc)
-            self._background(self._fan_out_retry(targets, confirm))
+            self._background(self._fan_out_retry(targets, confirm, origin))
 
     async def _deliver_and_confirm(
-        self, targets: list[tuple[str, FriendState]], confirm: Call | None
+        self,
+        targets: list[tuple[str, FriendState | None]],
+        confirm: Call | None,
+        origin: str | None,
     ) -> None:
         if targets:
-            await self.deliver(await self._deliveries(targets))
+            deliveries = await self._deliveries(targets)
+            # The client that made a list change knows it: no snapshot for it.
+            await self.deliver(
+                [d for d in deliveries if d.friend is not None or d.client_id != origin]
+            )
         if confirm is not None:
             await self.scripts.call(self.redis, *confirm)
 
     async def _fan_out_retry(
-        self, targets: list[tuple[str, FriendState]], confirm: Call | None
+        self,
+        targets: list[tuple[str, FriendState | None]],
+        confirm: Call | None,
+        origin: str | None,
     ) -> None:
         attempt = 0
         while True:
             await asyncio.sleep(FAN_OUT_RETRY_DELAYS[min(attempt, len(FAN_OUT_RETRY_DELAYS) - 1)])
             attempt += 1
             try:
-                await self._deliver_and_confirm(targets, confirm)
+                await self._deliver_and_confirm(targets, confirm, origin)
                 return
             except (RedisError, OSError):
                 self.fan_out_failures += 1
                 continue
 
-    async def _deliveries(self, targets: Sequence[tuple[str, FriendState]]) -> list[Delivery]:
+    async def _deliveries(
+        self, targets: Sequence[tuple[str, FriendState | None]]
+    ) -> list[Delivery]:
         """Read the clients of each target user; one Delivery per client."""
         pipe = self.redis.pipeline(transaction=False)
         for user, _ in targets:
@@ -955,6 +1012,9 @@ class Presence:
         """Hand each delivery to its owner's inbox channel (one message per owner)."""
         by_owner: dict[str, list[list[object]]] = defaultdict(list)
         for d in deliveries:
+            if d.friend is None:
+                by_owner[d.owner].append([d.client_id, d.token, 0])
+                continue
             by_owner[d.owner].append(
                 [d.client_id, d.token, d.friend.name, d.friend.online, d.friend.version]
             )
@@ -1004,17 +1064,25 @@ class Presence:
 
     # -- friends -------------------------------------------------------------------
 
-    async def set_friends(self, user: str, names: Iterable[str]) -> None:
-        """Replace the friends ``user`` declares; mutual friends are told what changed."""
-        await self._change_friends(user, "set", names)
+    async def set_friends(
+        self, user: str, names: Iterable[str], *, origin: str | None = None
+    ) -> None:
+        """Replace the friends ``user`` declares; mutual friends are told what changed,
+        and the user's clients other than ``origin`` (the client id that asked, if any)
+        are made to fetch a snapshot."""
+        await self._change_friends(user, "set", names, origin=origin)
 
-    async def add_friends(self, user: str, names: Iterable[str]) -> None:
-        """Add to the friends ``user`` declares."""
-        await self._change_friends(user, "add", names)
+    async def add_friends(
+        self, user: str, names: Iterable[str], *, origin: str | None = None
+    ) -> None:
+        """Add to the friends ``user`` declares (see :meth:`set_friends`)."""
+        await self._change_friends(user, "add", names, origin=origin)
 
-    async def remove_friends(self, user: str, names: Iterable[str]) -> None:
-        """Remove from the friends ``user`` declares."""
-        await self._change_friends(user, "remove", names)
+    async def remove_friends(
+        self, user: str, names: Iterable[str], *, origin: str | None = None
+    ) -> None:
+        """Remove from the friends ``user`` declares (see :meth:`set_friends`)."""
+        await self._change_friends(user, "remove", names, origin=origin)
 
     def _check_friends(self, names: Iterable[str]) -> list[str]:
         wanted = _names(names)
@@ -1022,7 +1090,9 @@ class Presence:
             raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
         return wanted
 
-    async def _change_friends(self, user: str, op: str, names: Iterable[str]) -> None:
+    async def _change_friends(
+        self, user: str, op: str, names: Iterable[str], *, origin: str | None = None
+    ) -> None:
         check_name(user, "user name")
         wanted = self._check_friends(names) if op != "remove" else _names(names)
         status, version, online, flat = await self.scripts.call(
@@ -1050,7 +1120,7 @@ class Presence:
         # its reverse index changed) or from ours (``is_fan``). Both are needed: when
         # two users add each other at once, each call may read is_fan = 0, but each
         # call's fans.lua then sees the other's declaration already made (visible = 1).
-        targets: list[tuple[str, FriendState]] = []
+        targets: list[tuple[str, FriendState | None]] = []
         for (name, added, is_fan), (friend_version, friend_online, visible) in zip(
             changes, results, strict=True
         ):
@@ -1058,5 +1128,10 @@ class Presence:
                 targets.append((user, FriendState(name, bool(visible), int(friend_version))))
             if online and is_fan:
                 targets.append((name, FriendState(user, added, int(version))))
+        # The user's other clients learn of the change by snapshot (a NOTIFY cannot say
+        # that a name was removed, nor add a name a client does not know).
+        targets.append((user, None))
         synced = [str(v) for name, added, _ in changes for v in (name, int(added))]
-        await self._fan_out(targets, confirm=("synced", [keys.reindex_key(user)], synced))
+        await self._fan_out(
+            targets, confirm=("synced", [keys.reindex_key(user)], synced), origin=origin
+        )

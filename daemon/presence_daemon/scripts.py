@@ -27,6 +27,7 @@ SCRIPT_NAMES: Final = (
     "release",
     "reap",
     "told",
+    "settle",
     "synced",
     "lease",
 )

@@ -570,7 +570,10 @@ class Server:
             FriendsOp.SET: self.presence.set_friends,
         }[msg.op]
         if await self._guarded(
-            msg.request, session.address, MAX_DATAGRAM, change(session.user, names)
+            msg.request,
+            session.address,
+            MAX_DATAGRAM,
+            change(session.user, names, origin=session.client_id),
         ):
             self.counters["friend_changes"] += 1
             self._reply(FriendsOk(msg.request), session.address)
@@ -756,13 +759,17 @@ class Server:
             await self.presence.publish(remote)
             self.counters["handoffs"] += len(remote)
 
-    def notify(self, client_id: str, token: str, friend: FriendState) -> None:
-        """Number and send one notification to a client this daemon holds."""
+    def notify(self, client_id: str, token: str, friend: FriendState | None) -> None:
+        """Number and send one notification to a client this daemon holds; with no
+        ``friend``, only number it: the gap makes the client fetch a snapshot."""
         session = self.by_client.get(client_id)
         if session is None or session.token_hex != token:
             self.counters["notifications_stale"] += 1
             return
         session.seq += 1
+        if friend is None:
+            self.counters["resyncs"] += 1
+            return
         if not session.verified:
             self.counters["notifications_unverified"] += 1
             return

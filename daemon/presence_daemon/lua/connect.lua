@@ -4,8 +4,8 @@
 -- KEYS[2]  presence:{user}:version   string, the user's state version
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
--- KEYS[5]  presence:{user}:pending   string "online|version": a decided transition whose
---                                    telling is not confirmed yet (the outbox)
+-- KEYS[5]  presence:{user}:pending   string "online|version|decided_ms": a decided
+--                                    transition whose telling is not confirmed (the outbox)
 -- ARGV[1]  client id
 -- ARGV[2]  entry, "token|owner|address" (token first: disconnect guards on it)
 -- ARGV[3]  now, in milliseconds (versions never fall below it, so they survive a Redis
@@ -14,6 +14,8 @@
 --          caller's lease runs out, or '0' for a caller without a lease
 -- ARGV[5]  'connect' (replace whatever entry the client id has) or 'restore' (put the
 --          entry back only if the client id has no entry or one with the same token)
+-- ARGV[6]  grace, in milliseconds: an unconfirmed transition younger than this is left
+--          to the call that decided it (it is most likely telling it right now)
 --
 -- Returns {status, went_online, version, previous, pending}
 --   status       1 applied; 0 fenced: the lease ran out before this ran (nothing
@@ -21,8 +23,9 @@
 --   went_online  1 if this call made the user go from no clients to one, else 0
 --   version      the user's state version after the call
 --   previous     the entry this call replaced (same client id, older session), or ''
---   pending      {} or {online, version, mutual friend...}: the transition to tell, this
---                call's own or one an earlier call decided and did not confirm told
+--   pending      {} or {online, version, decided_ms, mutual friend...}: the transition to
+--                tell, this call's own, or one an earlier call decided at least ARGV[6] ms
+--                ago and did not confirm told (KEYS[5] holds "online|version|decided_ms")
 --
 -- The fence is the one place a script reads the clock: it must be the clock of the server
 -- that applies the write, at the moment it applies it (a write delayed in a socket or a
@@ -45,23 +48,26 @@ end
 local before = redis.call('HLEN', KEYS[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local went_online = 0
+local decided = 0
 local version
 if before > 0 then
   version = tonumber(redis.call('GET', KEYS[2]) or '0')
 else
-  went_online = 1
+  went_online, decided = 1, 1
   version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
   if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
   redis.call('SET', KEYS[2], version)
-  redis.call('SET', KEYS[5], '1|' .. version)
+  redis.call('SET', KEYS[5], '1|' .. version .. '|' .. ARGV[3])
 end
 local pending = {}
 local told = redis.call('GET', KEYS[5])
 if told then
-  local online, at = string.match(told, '^(%d)|(%d+)$')
-  pending = {tonumber(online), tonumber(at)}
-  for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
-    pending[#pending + 1] = name
+  local online, at, since = string.match(told, '^(%d)|(%d+)|(%d+)$')
+  if decided == 1 or tonumber(ARGV[3]) - tonumber(since) >= tonumber(ARGV[6]) then
+    pending = {tonumber(online), tonumber(at), tonumber(since)}
+    for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
+      pending[#pending + 1] = name
+    end
   end
 end
 return {1, went_online, version, previous, pending}

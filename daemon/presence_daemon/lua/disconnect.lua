@@ -4,10 +4,11 @@
 -- KEYS[2]  presence:{user}:version   string, the user's state version
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
--- KEYS[5]  presence:{user}:pending   string "online|version", the outbox (see connect.lua)
+-- KEYS[5]  presence:{user}:pending   the outbox, "online|version|decided_ms" (see connect.lua)
 -- ARGV[1]  client id
 -- ARGV[2]  session token the caller believes is current, or '' to remove whatever is there
 -- ARGV[3]  now, in milliseconds (versions never fall below it)
+-- ARGV[4]  grace, in milliseconds (see connect.lua)
 --
 -- Returns {removed, went_offline, version, entry, pending}
 --   removed       1 if an entry was removed, 0 if the client was not connected or its
@@ -16,21 +17,20 @@
 --   version       the user's state version after the call
 --   entry         the removed entry "token|owner|address", or '' if nothing was removed
 --                 (without a token the caller learns here which session it ended)
---   pending       {} or {online, version, mutual friend...}: the transition to tell,
---                 this call's own or one an earlier call decided and did not confirm told
+--   pending       {} or {online, version, decided_ms, mutual friend...}: as connect.lua
 --                 (so a retried disconnect whose first try's answer was lost still tells)
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 local guard = ARGV[2]
-local removed, went_offline = 0, 0
+local removed, went_offline, decided = 0, 0, 0
 if entry and (guard == '' or string.sub(entry, 1, #guard + 1) == guard .. '|') then
   removed = 1
   redis.call('HDEL', KEYS[1], ARGV[1])
   if redis.call('HLEN', KEYS[1]) == 0 then
-    went_offline = 1
+    went_offline, decided = 1, 1
     local version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
     if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
     redis.call('SET', KEYS[2], version)
-    redis.call('SET', KEYS[5], '0|' .. version)
+    redis.call('SET', KEYS[5], '0|' .. version .. '|' .. ARGV[3])
   end
 else
   entry = ''
@@ -38,10 +38,12 @@ end
 local pending = {}
 local told = redis.call('GET', KEYS[5])
 if told then
-  local online, at = string.match(told, '^(%d)|(%d+)$')
-  pending = {tonumber(online), tonumber(at)}
-  for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
-    pending[#pending + 1] = name
+  local online, at, since = string.match(told, '^(%d)|(%d+)|(%d+)$')
+  if decided == 1 or tonumber(ARGV[3]) - tonumber(since) >= tonumber(ARGV[4]) then
+    pending = {tonumber(online), tonumber(at), tonumber(since)}
+    for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
+      pending[#pending + 1] = name
+    end
   end
 end
 return {removed, went_offline, tonumber(redis.call('GET', KEYS[2]) or '0'), entry, pending}
