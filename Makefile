@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.installed
 
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
+CHAOS_SCHEDULES ?= 2000
+CHAOS_ARGS      ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint fmt demo bench clean
+.PHONY: help venv test lint fmt demo bench chaos clean
 
 help: ## List the available targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -40,6 +42,10 @@ demo: $(STAMP) ## Run the demo (starts its own embedded Redis; DEMO_ARGS=...)
 
 bench: $(STAMP) ## Run the benchmark (bench/run.py)
 	$(BIN)/python bench/run.py
+
+# Seeds BASE..BASE+N-1 (BASE random unless CHAOS_ARGS="--seed S"); exits 1 on any violation.
+chaos: $(STAMP) ## Random fault schedules checked against a model (CHAOS_SCHEDULES=N CHAOS_ARGS=...)
+	$(BIN)/python tests/chaos.py --schedules $(CHAOS_SCHEDULES) $(CHAOS_ARGS)
 
 clean: ## Remove the venv, caches and build artefacts
 	rm -rf $(VENV) build dist *.egg-info daemon/*.egg-info client/*.egg-info \

@@ -582,11 +582,15 @@ async def version_of(presence: Presence, user: str) -> int:
 
 
 class Deliveries:
+    """Records notifications; the "your list changed" ones (friend None) apart."""
+
     def __init__(self) -> None:
         self.records: list[Delivery] = []
+        self.resyncs: list[Delivery] = []
 
     async def __call__(self, deliveries: list[Delivery]) -> None:
-        self.records.extend(deliveries)
+        self.records.extend(d for d in deliveries if d.friend is not None)
+        self.resyncs.extend(d for d in deliveries if d.friend is None)
 
     def take(self) -> list[Delivery]:
         taken, self.records = self.records, []
@@ -595,7 +599,27 @@ class Deliveries:
 
 def told(records: Iterable[Delivery]) -> set[tuple[str, str, bool]]:
     """(recipient client, friend name, online) of each delivery."""
-    return {(d.client_id, d.friend.name, d.friend.online) for d in records}
+    return {(d.client_id, d.friend.name, d.friend.online) for d in records if d.friend}
+
+
+async def test_a_list_change_makes_the_users_other_clients_resync(
+    make_presence: MakePresence,
+) -> None:
+    # A NOTIFY cannot say "this name is no longer declared": the user's clients are
+    # sent a resync (friend None: the daemon turns it into a sequence gap, so the
+    # client fetches a snapshot), all but the client that made the change.
+    record = Deliveries()
+    p = await make_presence(deliver=record)
+    await p.connected("a1", "alice")
+    await p.connected("a2", "alice")
+    await p.add_friends("alice", ["bob"], origin="a1")
+    assert [(d.client_id, d.friend) for d in record.resyncs] == [("a2", None)]
+    record.resyncs.clear()
+    await p.remove_friends("alice", ["bob"])  # from no client (a backend): all of them
+    assert sorted(d.client_id for d in record.resyncs) == ["a1", "a2"]
+    record.resyncs.clear()
+    await p.remove_friends("alice", ["bob"])  # nothing changed: nothing to learn
+    assert record.resyncs == []
 
 
 @pytest_asyncio.fixture
