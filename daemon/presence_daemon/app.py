@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
@@ -102,6 +103,7 @@ async def serve(
         transport, _ = await loop.create_datagram_endpoint(
             lambda: DatagramHandler(server), local_addr=(config.host, config.port)
         )
+        _enlarge_receive_buffer(transport)
         try:
             server.start()
             host, port = transport.get_extra_info("sockname")[:2]
@@ -120,6 +122,19 @@ async def serve(
         await presence.close()
         if embedded is not None:
             embedded.stop()
+
+
+RECEIVE_BUFFER: Final = 4 * 1024 * 1024
+"""Bytes asked for the UDP receive buffer: room for a burst of CONNECTs (clients moving
+here from a stopping daemon) while the event loop is busy. The kernel may grant less
+(net.core.rmem_max)."""
+
+
+def _enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
 def _safe_url(url: str) -> str:

@@ -256,6 +256,23 @@ def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
         raise ValueError(f"malformed inbox message: {exc}") from None
 
 
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait for them, bounded.
+
+    A cancellation can be swallowed (on Python 3.11, ``asyncio.wait_for`` inside a
+    library call may eat it), so a task that is still running is cancelled again; a
+    shutdown never waits without bound for a loop that missed its cancellation.
+    """
+    pending = {task for task in tasks if not task.done()}
+    for attempt in range(3):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout if attempt == 0 else 1.0)
+    log.error("%d tasks did not stop: %s", len(pending), [t.get_name() for t in pending])
+
+
 def _inbox_token(value: object) -> str:
     if type(value) is not str or not _TOKEN_RE.fullmatch(value):
         raise ValueError(f"bad session token {value!r}")
@@ -333,6 +350,7 @@ class Presence:
         Every connect carries it, and Redis refuses it once that moment has passed."""
         self._last_lease_error = -LEASE_ERROR_LOG_INTERVAL
         self._client_locks: dict[str, _ClientLock] = {}
+        self._closing = False
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Presence:
@@ -369,11 +387,8 @@ class Presence:
         clean stop. (If this process is the only owner, nobody reaps them; a process
         started later with the same instance id clears them.)
         """
-        for task in self._lease_tasks:
-            task.cancel()
-        for task in self._lease_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._closing = True
+        await stop_tasks(self._lease_tasks)
         self._lease_tasks = []
         if self._retries:
             _, pending = await asyncio.wait(set(self._retries), timeout=CLOSE_GRACE)
@@ -511,7 +526,7 @@ class Presence:
 
     async def _renew_forever(self) -> None:
         """Renew about once a second, in a task of its own: a long reap never delays it."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.renew_interval)
             try:
                 await self.renew_lease()
@@ -520,7 +535,7 @@ class Presence:
 
     async def _reap_forever(self) -> None:
         """Look for dead owners as often as the lease is renewed."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.renew_interval)
             try:
                 await self.reap_dead()

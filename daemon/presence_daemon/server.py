@@ -88,6 +88,7 @@ from presence_daemon.presence import (
     Replaced,
     Superseded,
     parse_inbox,
+    stop_tasks,
 )
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ RECONCILE_INTERVAL: Final = 60.0
 
 GO_AWAY_RESEND: Final = 0.5
 """Seconds between GO_AWAYs to a client that has not moved yet, during a shutdown grace."""
+GO_AWAY_BATCH: Final = 64
+"""GO_AWAYs sent at once; batches are GO_AWAY_PACE apart, so the clients' CONNECTs do not
+all land on the next daemon's socket in the same instant (and overflow its buffer)."""
+GO_AWAY_PACE: Final = 0.02
+"""Seconds between two batches of GO_AWAY."""
 
 
 def _token_bytes(token: str) -> bytes:
@@ -178,6 +184,7 @@ class Server:
         # for a reason that may pass (Redis unreachable): retried by the next sweep.
         self._failed_restores: list[Session] = []
         self._verify_task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.ping_interval_ms = round(config.ping_interval * 1000)
         self.timeout_ms = round(config.timeout * 1000)
 
@@ -232,13 +239,10 @@ class Server:
             log.error(
                 "shutdown: %d of %d clients could not be removed from Redis", failed, len(results)
             )
+        self._stopped = True
         if self._verify_task is not None:
-            self._verify_task.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._tasks.append(self._verify_task)
+        await stop_tasks(self._tasks)
         self._tasks.clear()
 
     async def _let_clients_move(self) -> None:
@@ -259,15 +263,23 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         held = len(self.by_token)
+        resend_at = 0.0
         while loop.time() < deadline:
             # (An unverified address gets nothing: it could be anyone's.)
             movable = [s for s in self.by_token.values() if s.verified]
             if not movable:
                 break
-            for session in movable:
-                self._reply(GoAway(session.token, GoAwayReason.SHUTDOWN), session.address)
-                self.counters["go_away_sent"] += 1
-            await asyncio.sleep(min(GO_AWAY_RESEND, max(deadline - loop.time(), 0)))
+            if loop.time() >= resend_at:
+                resend_at = loop.time() + GO_AWAY_RESEND
+                for start in range(0, len(movable), GO_AWAY_BATCH):
+                    for session in movable[start : start + GO_AWAY_BATCH]:
+                        if self.by_token.get(session.token) is session:
+                            message = GoAway(session.token, GoAwayReason.SHUTDOWN)
+                            self._reply(message, session.address)
+                            self.counters["go_away_sent"] += 1
+                    await asyncio.sleep(GO_AWAY_PACE)
+            else:
+                await asyncio.sleep(GO_AWAY_PACE)
         log.info(
             "shutdown: %d of %d clients moved to another daemon within %.1f s",
             held - len(self.by_token),
@@ -393,7 +405,7 @@ class Server:
     # -- jobs (run by workers; may await Redis) --------------------------------------
 
     async def _work(self, queue: asyncio.Queue[Job]) -> None:
-        while True:
+        while not self._stopped:
             job = await queue.get()
             try:
                 await job()
@@ -491,6 +503,9 @@ class Server:
     async def _send_connect_ok(
         self, msg: Connect, session: Session, addr: Address, size: int
     ) -> None:
+        # Taken before the read: a notification numbered while we read is then a gap
+        # the client sees (and repairs), not one hidden inside the reply's `q`.
+        seq = session.seq
         try:
             view = await self.presence.friend_view(session.user)
         except (RedisError, OSError) as exc:
@@ -504,7 +519,7 @@ class Server:
             session=session.token,
             ping_interval_ms=self.ping_interval_ms,
             timeout_ms=self.timeout_ms,
-            seq=session.seq,
+            seq=seq,
             friends=(),
             complete=complete,
         )
@@ -519,7 +534,7 @@ class Server:
             session=session.token,
             ping_interval_ms=self.ping_interval_ms,
             timeout_ms=self.timeout_ms,
-            seq=session.seq,
+            seq=seq,
             friends=tuple(first),
             complete=complete,
         )
@@ -651,7 +666,7 @@ class Server:
 
     async def _reconcile_forever(self) -> None:
         """Now and then, compare what Redis says we own with what we hold."""
-        while True:
+        while not self._stopped:
             await asyncio.sleep(RECONCILE_INTERVAL)
             await self.verify()
 
@@ -740,7 +755,7 @@ class Server:
                 self._enqueue_restore(session)
 
     async def _sweep_forever(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self.config.sweep_interval)
             self.sweep(self.clock())
 
@@ -780,7 +795,7 @@ class Server:
         """Receive notifications other daemons hand over for our clients."""
         channel = keys.inbox_channel(self.instance_id)
         failed = False
-        while True:
+        while not self._stopped:
             pubsub = self.presence.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
@@ -792,7 +807,7 @@ class Server:
                     for session in self.by_token.values():
                         session.seq += 1
                     failed = False
-                while True:
+                while not self._stopped:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._on_inbox(message["data"])
