@@ -9,6 +9,7 @@ which the instances happen to report them.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -18,14 +19,18 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from faults import TcpProxy
 from helpers import wait_for
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError
 from presence_daemon import keys
+from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import (
     DEFAULT_LEASE_TTL,
     DEFAULT_REDIS_TIMEOUT,
     FENCE_MARGIN,
+    OUTBOX_GRACE,
     Connection,
     Delivery,
     InstanceIdInUse,
@@ -40,6 +45,8 @@ from presence_daemon.presence import (
 
 ROUNDS = 50
 INSTANCES = 4
+GRACE_MS = round(OUTBOX_GRACE * 1000)
+"""The grace the library passes to connect.lua and disconnect.lua (ms)."""
 
 MakePresence = Callable[..., Awaitable[Presence]]
 
@@ -385,8 +392,8 @@ async def test_disconnect_by_client_id_after_racing_connects(presence: Presence,
     assert await scripts.call(r, "claim", [key], ["alice", "aa" * 16, 1, "", 0]) == ""
     assert await scripts.call(r, "claim", [key], ["alice", "bb" * 16, 2, "", 0]) == ""
     user_keys, now = keys.user_keys("alice"), now_ms(presence)
-    await scripts.call(r, "connect", user_keys, ["c", f"{'bb' * 16}|p1|", now, 0, "connect"])
-    await scripts.call(r, "connect", user_keys, ["c", f"{'aa' * 16}|p0|", now, 0, "connect"])
+    for entry in (f"{'bb' * 16}|p1|", f"{'aa' * 16}|p0|"):
+        await scripts.call(r, "connect", user_keys, ["c", entry, now, 0, "connect", GRACE_MS])
     assert await presence.query(["alice"]) == {"alice": True}
     assert await presence.disconnected("c") is True
     assert await presence.query(["alice"]) == {"alice": False}
@@ -597,6 +604,12 @@ class Deliveries:
         return taken
 
 
+def friend_of(delivery: Delivery) -> FriendState:
+    """What a notification tells (not a "your list changed" one)."""
+    assert delivery.friend is not None, delivery
+    return delivery.friend
+
+
 def told(records: Iterable[Delivery]) -> set[tuple[str, str, bool]]:
     """(recipient client, friend name, online) of each delivery."""
     return {(d.client_id, d.friend.name, d.friend.online) for d in records if d.friend}
@@ -717,7 +730,8 @@ async def test_friendship_becoming_and_ending_mutual_while_online(
     assert len(got) == 2
     for d in got:
         # The news is newer than what the recipient saw when the friendship started.
-        assert d.friend.version > {"A": view_b[0].version, "B": view_a[0].version}[d.friend.name]
+        friend = friend_of(d)
+        assert friend.version > {"A": view_b[0].version, "B": view_a[0].version}[friend.name]
     assert await p.friend_view("A") == [FriendState("B", False, got_version(got, "B"))]
 
     # Mutual again through set_friends; then A drops B with set_friends.
@@ -748,7 +762,7 @@ async def test_concurrent_mutual_adds_while_both_online_tell_both(
 
 
 def got_version(records: Iterable[Delivery], name: str) -> int:
-    versions = {d.friend.version for d in records if d.friend.name == name}
+    versions = {friend_of(d).version for d in records if friend_of(d).name == name}
     assert len(versions) == 1
     return versions.pop()
 
@@ -788,7 +802,7 @@ async def test_third_party_never_hears_anything(
     got = sink.take()
     assert got  # A and B did hear about each other
     assert {d.client_id for d in got} <= {"a1", "b1"}
-    assert {d.friend.name for d in got} <= {"A", "B"}
+    assert {friend_of(d).name for d in got} <= {"A", "B"}
     # C lists A and B, who were online at times, but never saw them online.
     assert [s.name for s in await p.friend_view("C")] == ["A", "B"]
     assert not any(s.online for s in await p.friend_view("C"))
@@ -828,14 +842,14 @@ async def test_delivered_versions_increase(
     # Per recipient and friend: strictly increasing, in the order they were delivered.
     seen: dict[tuple[str, str], list[int]] = defaultdict(list)
     for d in got:
-        seen[(d.client_id, d.friend.name)].append(d.friend.version)
+        seen[(d.client_id, friend_of(d).name)].append(friend_of(d).version)
     for key, versions in seen.items():
         assert versions == sorted(set(versions)), (key, versions)
     # Both of A's clients heard the same story.
     for name in ("B", "C"):
         assert seen[("a1", name)] == seen[("a2", name)]
     # The view shows the latest version delivered, with the latest status.
-    latest = {d.friend.name: d.friend for d in got if d.client_id == "a1"}
+    latest = {friend_of(d).name: friend_of(d) for d in got if d.client_id == "a1"}
     assert await p.friend_view("A") == [latest["B"], latest["C"]]
     assert latest["B"].online and latest["C"].online
 
@@ -918,7 +932,8 @@ async def test_clients_of_a_dead_owner_are_reaped_once(
     assert await survivor.reap_dead() == 2
     assert await survivor.query(["alice", "bob"]) == {"alice": False, "bob": True}
     assert [(t.user, t.online) for t in rec.take()] == [("alice", False)]
-    assert [(d.client_id, d.friend.name, d.friend.online) for d in told] == [("b1", "alice", False)]
+    told_offline = [(d.client_id, friend_of(d).name, friend_of(d).online) for d in told]
+    assert told_offline == [("b1", "alice", False)]
     # Nothing of the dead owner is left, and a second reap finds nothing.
     assert await r.exists(keys.owned_key("doomed")) == 0
     assert "doomed" not in await r.smembers(keys.OWNERS_KEY)
@@ -1250,65 +1265,265 @@ async def test_calls_for_one_client_id_apply_in_call_order(presence: Presence, r
 
 # ---------------------------------------------------------------------------
 # Told at least once: the outbox.
+#
+# A decided transition waits in the user's outbox ("online|version|decided_ms") until
+# its telling is confirmed. Younger than OUTBOX_GRACE it is left to the call that
+# decided it; older, any call that touches the user tells it again, and a call whose
+# connect or disconnect got no answer settles it (reads the outbox once the grace has
+# passed and tells what is there). The tests drive the instances' clock past the grace.
 
 
-async def test_a_lost_answer_is_told_by_the_retry(
-    pair: tuple[Presence, Presence], sink: Deliveries, r: Redis
-) -> None:
-    p, q = pair
-    rec = Recorder([p, q])
+class ManualClock:
+    """A wall clock that stands still until the test moves it on. An instance built with
+    it (``Presence(clock=...)``) sees ``now()`` = this + the offset to Redis's clock
+    measured at start(), so every now_ms it passes to the scripts moves only with it."""
+
+    def __init__(self) -> None:
+        self.seconds = time.time()
+
+    def __call__(self) -> float:
+        return self.seconds
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+PAST_THE_GRACE: float = OUTBOX_GRACE + 0.001
+"""Seconds to move a clock on so that a transition decided at its old now counts as
+abandoned (a millisecond more than the grace: ms rounding cannot land short of it)."""
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest_asyncio.fixture
+async def clocked_pair(
+    make_presence: MakePresence, sink: Deliveries, clock: ManualClock
+) -> tuple[Presence, Presence]:
+    """Two instances that share one delivery sink and one manual clock."""
+    return (
+        await make_presence(instance_id="d0", deliver=sink, clock=clock),
+        await make_presence(instance_id="d1", deliver=sink, clock=clock),
+    )
+
+
+async def mutual_friends_with_bob_online(p: Presence, q: Presence, sink: Deliveries) -> Connection:
+    """alice and bob declare each other; bob is connected (b1, through q)."""
     await p.set_friends("alice", ["bob"])
     await q.set_friends("bob", ["alice"])
     b1 = await q.connected("b1", "bob")
+    sink.take()
+    return b1
+
+
+async def lose_a_connect(p: Presence, r: Redis, client_id: str, user: str) -> tuple[str, int, int]:
+    """What ``p.connected(client_id, user)`` does, step by step with the same arguments
+    (owner-set member, binding, connect.lua), except that the connect script's answer is
+    lost: nothing is told or confirmed. Returns (token, version, decided_ms)."""
+    token = secrets.token_hex(16)
+    await r.sadd(keys.owned_key(p.instance_id), keys.owned_member(user, client_id, token))
+    claim: list[str | int] = [user, token, now_ms(p), "", round(p.stale_binding_after * 1000)]
+    assert await p.scripts.call(r, "claim", [keys.client_key(client_id)], claim) == ""
+    decided = now_ms(p)
+    entry = f"{token}|{p.instance_id}|"
+    args: list[str | int] = [client_id, entry, decided, p.fence_ms, "connect", GRACE_MS]
+    status, went_online, version, previous, pending = await p.scripts.call(
+        r, "connect", keys.user_keys(user), args
+    )
+    assert (status, went_online, previous) == (1, 1, "")
+    assert pending[:3] == [1, version, decided]
+    assert await r.get(keys.pending_key(user)) == f"1|{version}|{decided}"
+    return token, int(version), decided
+
+
+async def test_a_lost_answer_is_told_by_a_retry_once_the_grace_passed(
+    clocked_pair: tuple[Presence, Presence], sink: Deliveries, clock: ManualClock, r: Redis
+) -> None:
+    p, q = clocked_pair
+    rec = Recorder([p, q])
+    b1 = await mutual_friends_with_bob_online(p, q, sink)
     a1 = await p.connected("a1", "alice")
     assert told(sink.take()) == {("b1", "alice", True)}
     assert await r.exists(keys.pending_key("alice")) == 0  # told and confirmed
     rec.take()
     # The disconnect runs in Redis, but its answer never reaches the caller.
+    decided = now_ms(p)
     removed, went_offline, version, entry, pending = await p.scripts.call(
-        r, "disconnect", keys.user_keys("alice"), ["a1", a1.token, now_ms(p)]
+        r, "disconnect", keys.user_keys("alice"), ["a1", a1.token, decided, GRACE_MS]
     )
     assert (removed, went_offline, entry) == (1, 1, f"{a1.token}|d0|")
-    assert pending == [0, version, "bob"]
-    assert await r.get(keys.pending_key("alice")) == f"0|{version}"
+    assert pending == [0, version, decided, "bob"]
+    outbox = f"0|{version}|{decided}"
+    assert await r.get(keys.pending_key("alice")) == outbox
     assert sink.take() == []
-    # The caller tries again: nothing is left to remove, but the offline transition is
-    # still unconfirmed, so this call tells it and confirms it.
+    # The caller tries again at once, and again just before the grace ends: nothing is
+    # left to remove, and the transition is young: for all Redis knows its decider is
+    # telling it right now, so these calls do not tell it a second time.
     retold = p.retold
+    for step in (0.0, OUTBOX_GRACE - 0.01):
+        clock.advance(step)
+        assert await p.disconnected("a1", user="alice", token=a1.token) is False
+        assert sink.take() == []
+        assert await r.get(keys.pending_key("alice")) == outbox
+        assert p.retold == retold
+    # Unconfirmed for the grace (its decider lost the answer): this try tells it and
+    # confirms it.
+    clock.advance(0.011)
     assert await p.disconnected("a1", user="alice", token=a1.token) is False
     assert sink.take() == [Delivery("d1", "b1", b1.token, FriendState("alice", False, version))]
     assert await r.exists(keys.pending_key("alice")) == 0
     assert p.retold == retold + 1
     assert rec.take() == []  # decided by the first call: not this call's transition
     # Told once is enough: another retry tells nothing.
+    clock.advance(PAST_THE_GRACE)
     assert await p.disconnected("a1", user="alice", token=a1.token) is False
     assert sink.take() == []
     assert await p.friend_view("bob") == [FriendState("alice", False, version)]
 
 
-async def test_a_connect_after_a_lost_answer_tells_the_pending_online(
-    pair: tuple[Presence, Presence], sink: Deliveries, r: Redis
+async def test_a_connect_after_a_lost_answer_tells_the_pending_online_once_the_grace_passed(
+    clocked_pair: tuple[Presence, Presence], sink: Deliveries, clock: ManualClock, r: Redis
 ) -> None:
-    p, q = pair
-    await p.set_friends("alice", ["bob"])
-    await q.set_friends("bob", ["alice"])
-    b1 = await q.connected("b1", "bob")
-    sink.take()
+    p, q = clocked_pair
+    b1 = await mutual_friends_with_bob_online(p, q, sink)
     # alice's connect ran in Redis; its caller never heard back (nobody was told).
+    decided = now_ms(p)
     entry = f"{'aa' * 16}|d0|"
+    args: list[str | int] = ["a1", entry, decided, p.fence_ms, "connect", GRACE_MS]
     status, went_online, version, _, pending = await p.scripts.call(
-        r, "connect", keys.user_keys("alice"), ["a1", entry, now_ms(p), p.fence_ms, "connect"]
+        r, "connect", keys.user_keys("alice"), args
     )
-    assert (status, went_online, pending) == (1, 1, [1, version, "bob"])
-    # The client connects again: a new session, no transition, but bob is told now.
+    assert (status, went_online, pending) == (1, 1, [1, version, decided, "bob"])
+    outbox = f"1|{version}|{decided}"
+    # The client connects again at once (a new session): no transition, and the online
+    # one is left to its decider while younger than the grace.
+    again = await p.connected("a1", "alice")
+    assert not again.went_online and again.version == version
+    assert sink.take() == []
+    assert await r.get(keys.pending_key("alice")) == outbox
+    # Once it is that old, the next connect tells bob and confirms it.
+    clock.advance(PAST_THE_GRACE)
     again = await p.connected("a1", "alice")
     assert not again.went_online and again.version == version
     assert sink.take() == [Delivery("d1", "b1", b1.token, FriendState("alice", True, version))]
     assert await r.exists(keys.pending_key("alice")) == 0
 
 
+async def test_a_connect_whose_answer_was_lost_is_settled(
+    clocked_pair: tuple[Presence, Presence], sink: Deliveries, clock: ManualClock, r: Redis
+) -> None:
+    p, q = clocked_pair
+    rec = Recorder([p, q])
+    b1 = await mutual_friends_with_bob_online(p, q, sink)
+    rec.take()
+    token, version, _ = await lose_a_connect(p, r, "a1", "alice")
+    assert sink.take() == []
+    # What the library does when the connect call raises (a Redis error or a timeout:
+    # the script may have run). The settle reads the outbox after the grace, on the
+    # instance's clock: moved on here, so what it finds counts as abandoned.
+    retold = p.retold
+    clock.advance(PAST_THE_GRACE)
+    p._settle_later("alice")
+
+    async def confirmed() -> bool:
+        return not await r.exists(keys.pending_key("alice"))
+
+    await wait_for(confirmed, timeout=OUTBOX_GRACE + 5, what="the lost connect is settled")
+    assert sink.take() == [Delivery("d1", "b1", b1.token, FriendState("alice", True, version))]
+    # The caller that lost the answer most likely decided it: its listeners hear it now.
+    assert p.retold == retold
+    assert rec.take() == [Transition("alice", True, version)]
+    await wait_for(lambda: not p._retries, what="the settle task ends")
+    assert await q.friend_view("bob") == [FriendState("alice", True, version)]
+    # The session is whole: it ends like any other, and its offline transition is told.
+    assert await r.smembers(keys.owned_key("d0")) == {f"alice|a1|{token}"}
+    assert await q.disconnected("a1") is True
+    [offline] = sink.take()
+    assert (offline.client_id, offline.friend) == (
+        "b1",
+        FriendState("alice", False, await version_of(q, "alice")),
+    )
+    assert await r.scard(keys.owned_key("d0")) == 0
+
+
+async def test_a_settle_after_a_newer_transition_was_told_tells_nothing_stale(
+    clocked_pair: tuple[Presence, Presence], sink: Deliveries, clock: ManualClock, r: Redis
+) -> None:
+    p, q = clocked_pair
+    b1 = await mutual_friends_with_bob_online(p, q, sink)
+    _, online_version, _ = await lose_a_connect(p, r, "a1", "alice")
+    clock.advance(PAST_THE_GRACE)
+    # Before the settle runs, the client goes away through q: q decides the offline
+    # transition (it replaces the unconfirmed online one), tells it and confirms it.
+    assert await q.disconnected("a1") is True
+    offline = FriendState("alice", False, await version_of(q, "alice"))
+    assert offline.version > online_version
+    assert sink.take() == [Delivery("d1", "b1", b1.token, offline)]
+    assert await r.exists(keys.pending_key("alice")) == 0
+    # The settle finds nothing: bob is never told the older "online" after "offline".
+    retold = p.retold
+    p._settle_later("alice")
+    await wait_for(lambda: not p._retries, timeout=OUTBOX_GRACE + 5, what="the settle ends")
+    assert sink.take() == []
+    assert p.retold == retold
+    assert await q.friend_view("bob") == [offline]
+
+
+async def test_a_disconnect_whose_answer_is_lost_in_the_network_is_settled(
+    make_presence: MakePresence,
+    redis_server: EmbeddedRedis,
+    sink: Deliveries,
+    clock: ManualClock,
+    r: Redis,
+) -> None:
+    # p reaches Redis through a proxy. The proxy holds the disconnect until p's call
+    # has timed out, then lets it through: the script runs, and its answer is lost.
+    q = await make_presence(instance_id="d1", deliver=sink, clock=clock)
+    with TcpProxy(("127.0.0.1", redis_server.port)) as proxy:
+        client = redis_client(proxy.redis_url(), timeout=1.0)
+        p = Presence(client, instance_id="d0", deliver=sink, lease_ttl=None, clock=clock)
+        try:
+            await p.start()
+            rec = Recorder([p, q])
+            b1 = await mutual_friends_with_bob_online(p, q, sink)
+            a1 = await p.connected("a1", "alice")
+            assert told(sink.take()) == {("b1", "alice", True)}
+            assert await r.exists(keys.pending_key("alice")) == 0
+            rec.take()
+            retold = p.retold
+            proxy.partition()
+            with pytest.raises(RedisTimeoutError):
+                await p.disconnected("a1", user="alice", token=a1.token)
+            # The call gave up; its script has not run yet (held in the network).
+            assert await r.hexists(keys.clients_key("alice"), "a1")
+            clock.advance(PAST_THE_GRACE)
+            proxy.heal()
+
+            async def removed() -> bool:
+                return not await r.exists(keys.clients_key("alice"))
+
+            await wait_for(removed, what="the held disconnect runs in Redis")
+            version = await version_of(q, "alice")
+            assert version > a1.version
+
+            async def confirmed() -> bool:
+                return not await r.exists(keys.pending_key("alice"))
+
+            await wait_for(confirmed, timeout=OUTBOX_GRACE + 5, what="the disconnect is settled")
+            offline = FriendState("alice", False, version)
+            assert sink.take() == [Delivery("d1", "b1", b1.token, offline)]
+            # The caller that lost the answer decided it: its listeners hear it now.
+            assert p.retold == retold
+            assert rec.take() == [Transition("alice", False, version)]
+            assert await q.friend_view("bob") == [offline]
+        finally:
+            await p.close()
+
+
 async def test_a_failed_fan_out_is_retried_until_it_succeeds_then_confirmed(
-    make_presence: MakePresence, r: Redis
+    make_presence: MakePresence, clock: ManualClock, r: Redis
 ) -> None:
     delivered: list[Delivery] = []
     link_down = False
@@ -1318,16 +1533,17 @@ async def test_a_failed_fan_out_is_retried_until_it_succeeds_then_confirmed(
             raise RedisConnectionError("the link is down")
         delivered.extend(deliveries)
 
-    p = await make_presence(instance_id="d0", deliver=flaky)
+    p = await make_presence(instance_id="d0", deliver=flaky, clock=clock)
     await p.set_friends("alice", ["bob"])
     await p.set_friends("bob", ["alice"])
     b1 = await p.connected("b1", "bob")
     link_down = True
+    decided = now_ms(p)
     a1 = await p.connected("a1", "alice")  # decided; the telling fails for now
     assert a1.went_online
     # Retried in the background, and unconfirmed while it fails.
     await wait_for(lambda: p.fan_out_failures >= 3, what="the fan-out is retried")
-    assert await r.get(keys.pending_key("alice")) == f"1|{a1.version}"
+    assert await r.get(keys.pending_key("alice")) == f"1|{a1.version}|{decided}"
     assert delivered == []
     link_down = False
 

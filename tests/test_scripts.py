@@ -79,6 +79,12 @@ async def redis_ms(r: Redis) -> int:
     return seconds * 1000 + micros // 1000
 
 
+GRACE = 2_000
+"""ms: how long an unconfirmed transition is left to the call that decided it (the
+grace connect.lua and disconnect.lua take; older, any call that touches the user gets it
+to tell again)."""
+
+
 def changes(flat: list[Any]) -> set[tuple[str, int, int]]:
     """The friends script's flat change list as a set of (name, added, is_fan)."""
     assert len(flat) % 3 == 0
@@ -94,8 +100,27 @@ async def connect(
     *,
     fence: int = 0,
     mode: str = "connect",
+    grace: int = GRACE,
 ) -> list[Any]:
-    result: list[Any] = await run("connect", ukeys(user), client_id, entry, now, fence, mode)
+    result: list[Any] = await run("connect", ukeys(user), client_id, entry, now, fence, mode, grace)
+    return result
+
+
+async def disconnect(
+    run: ScriptRunner,
+    user: str,
+    client_id: str,
+    token: str,
+    now: int,
+    *,
+    grace: int = GRACE,
+) -> list[Any]:
+    result: list[Any] = await run("disconnect", ukeys(user), client_id, token, now, grace)
+    return result
+
+
+async def settle(run: ScriptRunner, user: str, now: int, *, grace: int = GRACE) -> list[Any]:
+    result: list[Any] = await run("settle", ukeys(user), now, grace)
     return result
 
 
@@ -112,9 +137,27 @@ async def friends(
     return result
 
 
+def outbox(pending: list[Any]) -> str:
+    """The outbox value of a returned pending, "online|version|decided_ms"."""
+    assert len(pending) >= 3, pending
+    return f"{pending[0]}|{pending[1]}|{pending[2]}"
+
+
 async def tell(run: ScriptRunner, user: str, pending: list[Any]) -> None:
     """Confirm a pending transition as told (told.lua with its exact value)."""
-    assert await run("told", [keys.pending_key(user)], f"{pending[0]}|{pending[1]}") == 1
+    assert await run("told", [keys.pending_key(user)], outbox(pending)) == 1
+
+
+async def dump_all(r: Redis) -> dict[str, Any]:
+    """Every key's serialized value and time to live."""
+    return {str(key): (await r.dump(key), await r.pttl(key)) for key in await r.keys("*")}
+
+
+async def writes(r: Redis) -> int:
+    """How many writes Redis has applied (its dirty counter, which only grows: the test
+    server never saves). The same before and after a call: the call wrote nothing, not
+    even a value over itself."""
+    return int((await r.info("persistence"))["rdb_changes_since_last_save"])
 
 
 # ---------------------------------------------------------------------------
@@ -166,10 +209,11 @@ async def test_connect_first_client_goes_online_with_mutual_friends(
     status, went_online, v, previous, told = await connect(run, "A", "c1", "t1|own1|1.2.3.4:5", now)
     # A user without a version starts at now (versions are seeded from the clock).
     assert (status, went_online, v, previous) == (1, 1, now, "")
-    # The transition to tell: online, its version, the mutual friends.
-    assert told[:2] == [1, now] and sorted(told[2:]) == ["B", "E"]
+    # The transition to tell: online, its version, when it was decided (this call's
+    # now), the mutual friends.
+    assert told[:3] == [1, now, now] and sorted(told[3:]) == ["B", "E"]
     assert await version(r, "A") == now
-    assert await r.get(pending) == f"1|{now}"
+    assert await r.get(pending) == f"1|{now}|{now}"
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "t1|own1|1.2.3.4:5"}
 
 
@@ -179,7 +223,7 @@ async def test_connect_second_client_is_no_transition(
     await r.sadd(ukeys("A")[2], "B")
     await r.sadd(ukeys("A")[3], "B")
     first = await connect(run, "A", "c1", "t1|own1|", now)
-    assert first == [1, 1, now, "", [1, now, "B"]]
+    assert first == [1, 1, now, "", [1, now, now, "B"]]
     await tell(run, "A", first[4])
     # No transition, nothing unconfirmed: nothing to tell, the version stays.
     assert await connect(run, "A", "c2", "t2|own2|", now + 5) == [1, 0, now, "", []]
@@ -192,7 +236,7 @@ async def test_connect_same_client_again_replaces_the_entry(
     run: ScriptRunner, r: Redis, now: int
 ) -> None:
     first = await connect(run, "A", "c1", "t1|own1|x", now)
-    assert first == [1, 1, now, "", [1, now]]
+    assert first == [1, 1, now, "", [1, now, now]]
     await tell(run, "A", first[4])
     # The replaced entry is returned, so its owner's set can be kept exact.
     assert await connect(run, "A", "c1", "t2|own2|y", now + 5) == [1, 0, now, "t1|own1|x", []]
@@ -206,9 +250,9 @@ async def test_connect_after_going_offline_bumps_again(
     # Every bump is max(old + 1, now): a clock that did not move (or went back) still
     # gets a higher version; a clock that moved on is taken as it is.
     assert (await connect(run, "A", "c1", "t1|o|", now))[:3] == [1, 1, now]
-    assert (await run("disconnect", ukeys("A"), "c1", "t1", now))[:3] == [1, 1, now + 1]
+    assert (await disconnect(run, "A", "c1", "t1", now))[:3] == [1, 1, now + 1]
     assert (await connect(run, "A", "c1", "t2|o|", now - 1000))[:3] == [1, 1, now + 2]
-    assert (await run("disconnect", ukeys("A"), "c1", "t2", now + 1000))[:3] == [1, 1, now + 1000]
+    assert (await disconnect(run, "A", "c1", "t2", now + 1000))[:3] == [1, 1, now + 1000]
     assert (await connect(run, "A", "c1", "t3|o|", now + 1000))[:3] == [1, 1, now + 1001]
     assert await version(r, "A") == now + 1001
 
@@ -238,8 +282,8 @@ async def test_connect_is_fenced_once_the_lease_ran_out(
     # A fence in the future: applied.
     fence = await redis_ms(r) + 60_000
     applied = await connect(run, "A", "c1", "t1|o|", now, fence=fence)
-    assert applied == [1, 1, now, "", [1, now, "B"]]
-    await tell(run, "A", [1, now])
+    assert applied == [1, 1, now, "", [1, now, now, "B"]]
+    await tell(run, "A", applied[4])
     # Fenced with the user online: the second client is not written either.
     assert await connect(run, "A", "c2", "t2|o|", now, fence=await redis_ms(r) - 1) == FENCED
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "t1|o|"}
@@ -254,7 +298,7 @@ async def test_connect_restore(run: ScriptRunner, r: Redis, now: int) -> None:
     await r.sadd(ukeys("A")[3], "B")
     # No entry for the client id: restore writes it (a transition like any connect).
     restored = await connect(run, "A", "c1", "tok1|own|addr", now, mode="restore")
-    assert restored == [1, 1, now, "", [1, now, "B"]]
+    assert restored == [1, 1, now, "", [1, now, now, "B"]]
     await tell(run, "A", restored[4])
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "tok1|own|addr"}
     # The same session (same token) is there: a no-op, no transition, version unchanged.
@@ -282,7 +326,7 @@ async def test_disconnect_token_guard(run: ScriptRunner, r: Redis, now: int) -> 
     await tell(run, "A", (await connect(run, "A", "c1", "tok1|own|addr", now))[4])
     # A wrong token, including one that is a prefix of the real one, removes nothing.
     for wrong in ("tok", "tok2", "tok1x", "own", "|", "TOK1"):
-        assert await run("disconnect", ukeys("A"), "c1", wrong, now + 5) == [0, 0, now, "", []]
+        assert await disconnect(run, "A", "c1", wrong, now + 5) == [0, 0, now, "", []]
         assert await r.hget(keys.clients_key("A"), "c1") == "tok1|own|addr"
     assert await version(r, "A") == now
 
@@ -296,26 +340,27 @@ async def test_disconnect_last_client_goes_offline_with_mutual(
     await tell(run, "A", (await connect(run, "A", "c1", "tok1|own|", now))[4])
     await connect(run, "A", "c2", "tok2|own|", now)
     # Matching token: removed, but another client remains.
-    assert await run("disconnect", ukeys("A"), "c1", "tok1", now) == [1, 0, now, "tok1|own|", []]
+    assert await disconnect(run, "A", "c1", "tok1", now) == [1, 0, now, "tok1|own|", []]
     # '' removes whatever is there (and says which entry); this is the last client.
-    gone = await run("disconnect", ukeys("A"), "c2", "", now)
-    assert gone == [1, 1, now + 1, "tok2|own|", [0, now + 1, "B"]]
-    assert await r.get(pending) == f"0|{now + 1}"
+    gone = await disconnect(run, "A", "c2", "", now)
+    # decided_ms is this call's now, whatever the version (bumped above it here).
+    assert gone == [1, 1, now + 1, "tok2|own|", [0, now + 1, now, "B"]]
+    assert await r.get(pending) == f"0|{now + 1}|{now}"
     assert await r.exists(keys.clients_key("A")) == 0
     assert await version(r, "A") == now + 1
     await tell(run, "A", gone[4])
     # Again: nothing there, no transition, version unchanged, nothing to tell.
-    assert await run("disconnect", ukeys("A"), "c2", "", now + 9) == [0, 0, now + 1, "", []]
-    assert await run("disconnect", ukeys("A"), "c2", "tok2", now + 9) == [0, 0, now + 1, "", []]
+    assert await disconnect(run, "A", "c2", "", now + 9) == [0, 0, now + 1, "", []]
+    assert await disconnect(run, "A", "c2", "tok2", now + 9) == [0, 0, now + 1, "", []]
 
 
 async def test_disconnect_unknown_client(run: ScriptRunner, r: Redis, now: int) -> None:
     # A user never seen: version 0 (nothing is stored by a disconnect that changes nothing).
-    assert await run("disconnect", ukeys("A"), "nope", "", now) == [0, 0, 0, "", []]
+    assert await disconnect(run, "A", "nope", "", now) == [0, 0, 0, "", []]
     assert await r.keys("*") == []
     await tell(run, "A", (await connect(run, "A", "c1", "t|o|", now))[4])
-    assert await run("disconnect", ukeys("A"), "nope", "", now + 5) == [0, 0, now, "", []]
-    assert await run("disconnect", ukeys("A"), "nope", "t", now + 5) == [0, 0, now, "", []]
+    assert await disconnect(run, "A", "nope", "", now + 5) == [0, 0, now, "", []]
+    assert await disconnect(run, "A", "nope", "t", now + 5) == [0, 0, now, "", []]
     assert await r.hgetall(keys.clients_key("A")) == {"c1": "t|o|"}
 
 
@@ -328,21 +373,40 @@ async def test_a_transition_sets_pending_and_only_its_exact_value_clears_it(
 ) -> None:
     pending = keys.pending_key("A")
     await connect(run, "A", "c1", "t1|o|", now)
-    assert await r.get(pending) == f"1|{now}"
-    # Another value (another transition, another version) confirms nothing.
-    for other in (f"0|{now}", f"1|{now + 1}", f"1|{now - 1}", str(now), "1", ""):
+    value = f"1|{now}|{now}"
+    assert await r.get(pending) == value
+    # Another value (another transition, another version, another decision time, the
+    # old two-field form, a part of it) confirms nothing.
+    others = (
+        f"0|{now}|{now}",
+        f"1|{now + 1}|{now}",
+        f"1|{now - 1}|{now}",
+        f"1|{now}|{now + 1}",
+        f"1|{now}|{now - 1}",
+        f"1|{now}",
+        f"1|{now}|",
+        f"{value}|",
+        str(now),
+        "1",
+        "",
+    )
+    for other in others:
         assert await run("told", [pending], other) == 0, other
-        assert await r.get(pending) == f"1|{now}"
-    assert await run("told", [pending], f"1|{now}") == 1
+        assert await r.get(pending) == value
+    assert await run("told", [pending], value) == 1
     assert await r.exists(pending) == 0
-    assert await run("told", [pending], f"1|{now}") == 0  # nothing left to confirm
+    assert await run("told", [pending], value) == 0  # nothing left to confirm
     # A newer transition decided before the older one was confirmed replaces it: the
     # older teller's confirmation then leaves the newer one in place.
-    await run("disconnect", ukeys("A"), "c1", "t1", now)
-    await connect(run, "A", "c1", "t2|o|", now)
-    assert await r.get(pending) == f"1|{now + 2}"
-    assert await run("told", [pending], f"0|{now + 1}") == 0
-    assert await r.get(pending) == f"1|{now + 2}"
+    await disconnect(run, "A", "c1", "t1", now)
+    await connect(run, "A", "c1", "t2|o|", now + 1)
+    assert await r.get(pending) == f"1|{now + 2}|{now + 1}"
+    assert await run("told", [pending], f"0|{now + 1}|{now}") == 0
+    assert await r.get(pending) == f"1|{now + 2}|{now + 1}"
+    # Two transitions with the same online and version but decided at different
+    # moments are different transitions too (a Redis that lost the keys in between).
+    assert await run("told", [pending], f"1|{now + 2}|{now}") == 0
+    assert await r.get(pending) == f"1|{now + 2}|{now + 1}"
 
 
 async def test_a_disconnect_that_removes_nothing_returns_the_pending_transition(
@@ -351,17 +415,19 @@ async def test_a_disconnect_that_removes_nothing_returns_the_pending_transition(
     await r.sadd(ukeys("A")[2], "B", "C")
     await r.sadd(ukeys("A")[3], "B")
     await tell(run, "A", (await connect(run, "A", "c1", "t1|o|", now))[4])
-    first = await run("disconnect", ukeys("A"), "c1", "t1", now)
-    assert first == [1, 1, now + 1, "t1|o|", [0, now + 1, "B"]]
-    # The answer was lost: the caller retries. Nothing is removed, but the offline
-    # transition is still unconfirmed, so the retry gets it to tell (and so does any
-    # other call that finds it, with or without a token).
-    retold = [0, 0, now + 1, "", [0, now + 1, "B"]]
+    first = await disconnect(run, "A", "c1", "t1", now)
+    assert first == [1, 1, now + 1, "t1|o|", [0, now + 1, now, "B"]]
+    # The answer was lost: the caller retries. Nothing is removed; once the offline
+    # transition has been unconfirmed for the grace (its decider gave up on it), the
+    # retry gets it to tell (and so does any other call that finds it, with or without
+    # a token).
+    later = now + GRACE
+    retold = [0, 0, now + 1, "", [0, now + 1, now, "B"]]
     for _ in range(2):
-        assert await run("disconnect", ukeys("A"), "c1", "t1", now + 9) == retold
-    assert await run("disconnect", ukeys("A"), "zz", "", now + 9) == retold
-    await tell(run, "A", [0, now + 1])
-    assert await run("disconnect", ukeys("A"), "c1", "t1", now + 9) == [0, 0, now + 1, "", []]
+        assert await disconnect(run, "A", "c1", "t1", later) == retold
+    assert await disconnect(run, "A", "zz", "", later + 9) == retold
+    await tell(run, "A", first[4])
+    assert await disconnect(run, "A", "c1", "t1", later + 9) == [0, 0, now + 1, "", []]
 
 
 async def test_a_connect_that_replaces_an_entry_returns_an_unconfirmed_pending(
@@ -369,14 +435,119 @@ async def test_a_connect_that_replaces_an_entry_returns_an_unconfirmed_pending(
 ) -> None:
     await r.sadd(ukeys("A")[2], "B")
     await r.sadd(ukeys("A")[3], "B")
-    assert await connect(run, "A", "c1", "t1|o1|", now) == [1, 1, now, "", [1, now, "B"]]
+    own = [1, now, now, "B"]
+    assert await connect(run, "A", "c1", "t1|o1|", now) == [1, 1, now, "", own]
     # The first connect's answer was lost; the client connects again (new session,
-    # maybe through another daemon): no transition, but the online one is told again.
-    assert await connect(run, "A", "c1", "t2|o2|", now + 5) == [1, 0, now, "t1|o1|", [1, now, "B"]]
+    # maybe through another daemon) once the grace has passed: no transition, but the
+    # online one is told again.
+    later = now + GRACE
+    assert await connect(run, "A", "c1", "t2|o2|", later) == [1, 0, now, "t1|o1|", own]
     # A second client of the user finds it too.
-    assert await connect(run, "A", "c2", "t3|o2|", now + 5) == [1, 0, now, "", [1, now, "B"]]
-    await tell(run, "A", [1, now])
-    assert await connect(run, "A", "c1", "t4|o1|", now + 5) == [1, 0, now, "t2|o2|", []]
+    assert await connect(run, "A", "c2", "t3|o2|", later + 5) == [1, 0, now, "", own]
+    await tell(run, "A", own)
+    assert await connect(run, "A", "c1", "t4|o1|", later + 5) == [1, 0, now, "t2|o2|", []]
+
+
+async def test_an_unconfirmed_transition_goes_to_other_calls_only_once_the_grace_passed(
+    run: ScriptRunner, r: Redis, now: int
+) -> None:
+    pending = keys.pending_key("A")
+    await r.sadd(ukeys("A")[2], "B")
+    await r.sadd(ukeys("A")[3], "B")
+    online = [1, now, now, "B"]
+    assert await connect(run, "A", "c1", "t1|o|", now) == [1, 1, now, "", online]
+    # Younger than the grace, its decider is most likely telling it right now: no other
+    # call gets it (nobody is told twice), whatever else the call does.
+    young = now + GRACE - 1
+    assert await connect(run, "A", "c2", "t2|o|", young) == [1, 0, now, "", []]
+    assert await connect(run, "A", "c2", "t3|o|", young) == [1, 0, now, "t2|o|", []]
+    restored = await connect(run, "A", "c2", "t3|o|", young, mode="restore")
+    assert restored == [1, 0, now, "t3|o|", []]
+    assert await disconnect(run, "A", "c2", "t3", young) == [1, 0, now, "t3|o|", []]
+    assert await disconnect(run, "A", "zz", "", young) == [0, 0, now, "", []]
+    # A caller whose clock is behind the decider's finds it younger still.
+    assert await disconnect(run, "A", "zz", "", now - 60_000) == [0, 0, now, "", []]
+    assert await r.get(pending) == f"1|{now}|{now}"  # still unconfirmed, unchanged
+    # From the grace on (its decider lost the answer, or died), every call gets it.
+    assert await disconnect(run, "A", "zz", "", now + GRACE) == [0, 0, now, "", online]
+    assert await connect(run, "A", "c2", "t4|o|", now + GRACE) == [1, 0, now, "", online]
+    old = now + 100 * GRACE
+    assert await disconnect(run, "A", "c2", "t4", old) == [1, 0, now, "t4|o|", online]
+    # The grace is the caller's: with none, any call gets it at once.
+    assert await disconnect(run, "A", "zz", "", now, grace=0) == [0, 0, now, "", online]
+    assert await r.get(pending) == f"1|{now}|{now}"  # returning it confirms nothing
+    # Confirmed, nobody gets it any more, however old.
+    await tell(run, "A", online)
+    assert await disconnect(run, "A", "zz", "", old) == [0, 0, now, "", []]
+    assert await connect(run, "A", "c2", "t5|o|", old) == [1, 0, now, "", []]
+
+
+async def test_a_call_that_decides_a_transition_always_gets_it(
+    run: ScriptRunner, r: Redis, now: int
+) -> None:
+    pending = keys.pending_key("A")
+    await r.sadd(ukeys("A")[2], "B")
+    await r.sadd(ukeys("A")[3], "B")
+    # Its own transition goes to the decider whatever the grace.
+    never = 10**12
+    first = await connect(run, "A", "c1", "t1|o|", now, grace=never)
+    assert first == [1, 1, now, "", [1, now, now, "B"]]
+    # A newer transition decided while the older is unconfirmed (and young) replaces it
+    # in the outbox, and goes to its own decider.
+    gone = await disconnect(run, "A", "c1", "t1", now + 1, grace=never)
+    assert gone == [1, 1, now + 1, "t1|o|", [0, now + 1, now + 1, "B"]]
+    assert await r.get(pending) == f"0|{now + 1}|{now + 1}"
+    # decided_ms is the decider's now, even below the version (a clock behind), and the
+    # grace counts from it.
+    back = await connect(run, "A", "c1", "t2|o|", now - 5000, grace=never)
+    assert back == [1, 1, now + 2, "", [1, now + 2, now - 5000, "B"]]
+    assert await r.get(pending) == f"1|{now + 2}|{now - 5000}"
+    assert await disconnect(run, "A", "zz", "", now - 5000 + GRACE - 1) == [0, 0, now + 2, "", []]
+    assert await disconnect(run, "A", "zz", "", now - 5000 + GRACE) == [0, 0, now + 2, "", back[4]]
+
+
+async def test_settle_returns_an_abandoned_transition_and_changes_nothing(
+    run: ScriptRunner, r: Redis, now: int
+) -> None:
+    _, _, friends_key, fans, pending = ukeys("A")
+    # A user never seen: nothing to tell, and nothing is stored.
+    assert await settle(run, "A", now) == []
+    assert await r.keys("*") == []
+    await r.sadd(friends_key, "B", "C", "E")
+    await r.sadd(fans, "B", "D", "E")
+    first = await connect(run, "A", "c1", "t1|o|", now)
+    assert first[4][:3] == [1, now, now]
+    snapshot, written = await dump_all(r), await writes(r)
+    # Younger than the grace (a caller's clock behind the decider's included): left to
+    # its decider.
+    for at in (now - 60_000, now, now + GRACE - 1):
+        assert await settle(run, "A", at) == [], at
+    # From the grace on: as connect.lua returns it, online, version, decided_ms and the
+    # mutual friends.
+    for at in (now + GRACE, now + 100 * GRACE):
+        settled = await settle(run, "A", at)
+        assert settled[:3] == [1, now, now] and sorted(settled[3:]) == ["B", "E"], at
+    settled = await settle(run, "A", now, grace=0)
+    assert settled[:3] == [1, now, now] and sorted(settled[3:]) == ["B", "E"]
+    # Read only: every key as it was (the outbox included: settling confirms nothing).
+    assert await dump_all(r) == snapshot
+    assert await writes(r) == written
+    # The mutual friends are those of the moment it is read.
+    await r.srem(fans, "E")
+    assert await settle(run, "A", now + GRACE) == [1, now, now, "B"]
+    # An offline transition, decided by a disconnect, the same way.
+    gone = await disconnect(run, "A", "c1", "t1", now)
+    assert gone[4] == [0, now + 1, now, "B"]
+    assert await settle(run, "A", now + GRACE - 1) == []
+    assert await settle(run, "A", now + GRACE) == gone[4]
+    # Confirmed told: nothing left, however old, and still nothing changed.
+    await tell(run, "A", gone[4])
+    snapshot, written = await dump_all(r), await writes(r)
+    assert await settle(run, "A", now + 100 * GRACE) == []
+    assert await settle(run, "A", now, grace=0) == []
+    assert await dump_all(r) == snapshot
+    assert await writes(r) == written
+    assert await r.exists(pending) == 0
 
 
 async def test_friends_fans_and_peek_leave_the_outbox_alone(
@@ -389,7 +560,7 @@ async def test_friends_fans_and_peek_leave_the_outbox_alone(
     await run("peek", ukeys("A"), "B", now)
     await friends(run, "A", "set", 10, now)
     await run("fans", ukeys("A"), "remove", "B", now)
-    assert await r.get(pending) == f"1|{now}"
+    assert await r.get(pending) == f"1|{now}|{now}"
 
 
 # ---------------------------------------------------------------------------
@@ -402,7 +573,7 @@ async def test_versions_never_go_backwards_when_the_users_keys_are_lost(
     # A busy user: many changes within one millisecond push its version above now.
     await connect(run, "A", "c1", "t1|o|", now)
     for i in range(5):
-        await run("disconnect", ukeys("A"), "c1", f"t{i + 1}", now)
+        await disconnect(run, "A", "c1", f"t{i + 1}", now)
         await connect(run, "A", "c1", f"t{i + 2}|o|", now)
     high = await version(r, "A")
     assert high == now + 10
@@ -411,7 +582,7 @@ async def test_versions_never_go_backwards_when_the_users_keys_are_lost(
     # that is above every version handed out.
     later = now + 11
     calls: list[tuple[str, list[str | int]]] = [
-        ("connect", ["c1", "t9|o|", later, 0, "connect"]),
+        ("connect", ["c1", "t9|o|", later, 0, "connect", GRACE]),
         ("fans", ["add", "B", later]),
         ("peek", ["B", later]),
     ]

@@ -69,6 +69,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError, check_name
 from presence_daemon import keys
@@ -933,24 +934,26 @@ class Presence:
 
     def _settle_later(self, user: str) -> None:
         """A connect or disconnect of ``user`` got no answer: its script may have run
-        and decided a transition. Once that would count as abandoned, read the outbox
-        (retrying until Redis answers) and tell what is there."""
+        and decided a transition. Once Redis answers again (after the outbox grace,
+        retrying while Redis is unreachable), read the outbox and tell what is there;
+        this instance most likely decided it, so listeners hear it too."""
 
         async def settle() -> None:
             delay = OUTBOX_GRACE
-            while True:
+            while not self._closing:
                 await asyncio.sleep(delay)
                 try:
+                    # Grace 0: we waited it out; a clock stepped back must not hide it.
                     pending = await self.scripts.call(
-                        self.redis,
-                        "settle",
-                        keys.user_keys(user),
-                        [self._now_ms(), round(OUTBOX_GRACE * 1000)],
+                        self.redis, "settle", keys.user_keys(user), [self._now_ms(), 0]
                     )
-                except (RedisError, OSError):
+                except (RedisConnectionError, RedisTimeoutError, OSError):
                     delay = FAN_OUT_RETRY_DELAYS[-1]
                     continue
-                await self._tell(user, pending, decided=False)
+                except RedisError as exc:
+                    log.error("settling %s failed: %s", user, exc)
+                    return
+                await self._tell(user, pending, decided=True)
                 return
 
         self._background(settle())

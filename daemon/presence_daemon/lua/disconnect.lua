@@ -38,7 +38,8 @@ end
 local pending = {}
 local told = redis.call('GET', KEYS[5])
 if told then
-  local online, at, since = string.match(told, '^(%d)|(%d+)|(%d+)$')
+  local online, at = string.match(told, '^(%d)|(%d+)')
+  local since = string.match(told, '^%d|%d+|(%d+)$') or '0'  -- (no time: long abandoned)
   if decided == 1 or tonumber(ARGV[3]) - tonumber(since) >= tonumber(ARGV[4]) then
     pending = {tonumber(online), tonumber(at), tonumber(since)}
     for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do

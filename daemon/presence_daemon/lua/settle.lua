@@ -12,7 +12,8 @@ local told = redis.call('GET', KEYS[5])
 if not told then
   return {}
 end
-local online, at, since = string.match(told, '^(%d)|(%d+)|(%d+)$')
+local online, at = string.match(told, '^(%d)|(%d+)')
+local since = string.match(told, '^%d|%d+|(%d+)$') or '0'  -- (no time: long abandoned)
 if tonumber(ARGV[1]) - tonumber(since) < tonumber(ARGV[2]) then
   return {}
 end
