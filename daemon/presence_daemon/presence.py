@@ -195,6 +195,9 @@ class Connection:
     """True if this call took the user from offline to online."""
     version: int
     """The user's state version after the call."""
+    new_entry: bool = True
+    """True if the client id had no entry before (for a restore: it had been removed, so
+    the session missed whatever was told while it was gone)."""
 
 
 @dataclass(slots=True)
@@ -352,6 +355,10 @@ class Presence:
         self._last_lease_error = -LEASE_ERROR_LOG_INTERVAL
         self._client_locks: dict[str, _ClientLock] = {}
         self._closing = False
+        self._reap_after = 0.0
+        """Event-loop time before which this instance reaps nobody (see _reap_forever)."""
+        self._renewed_at = 0.0
+        """Event-loop time of the last renewal that found the lease held."""
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Presence:
@@ -373,8 +380,9 @@ class Presence:
         if self.lease_ttl is None:
             return
         await self._take_lease()
-        await self.reap(self.instance_id, even_if_alive=True)
         loop = asyncio.get_running_loop()
+        self._renewed_at = loop.time()
+        await self.reap(self.instance_id, even_if_alive=True)
         self._lease_tasks = [
             loop.create_task(self._renew_forever(), name=f"lease-{self.instance_id}"),
             loop.create_task(self._reap_forever(), name=f"reaper-{self.instance_id}"),
@@ -500,9 +508,11 @@ class Presence:
         if status == 1:
             margin = min(FENCE_MARGIN * 1000, self._lease_ms / 10)
             self.fence_ms = value - round(margin)
+            self._renewed_at = asyncio.get_running_loop().time()
             return True
         state_lost = status == 3
         self.lease_losses += 1
+        self._reap_after = asyncio.get_running_loop().time() + self._lease_ms / 1000
         log.error(
             "lease of %s was lost (%s): its clients may have been reaped%s",
             self.instance_id,
@@ -535,9 +545,18 @@ class Presence:
                 self._log_lease_error("renewing the lease", exc)
 
     async def _reap_forever(self) -> None:
-        """Look for dead owners as often as the lease is renewed."""
+        """Look for dead owners as often as the lease is renewed, but only after holding
+        our own lease for a whole TTL: a lease that lapsed while we could not reach Redis
+        either (Redis paused, restarted, or cut off from everyone) is no sign of death,
+        and its owner takes it again within a renewal interval once Redis answers."""
+        loop = asyncio.get_running_loop()
         while not self._closing:
             await asyncio.sleep(self.renew_interval)
+            # (And only while our own renewals go through: a reaper that cannot renew may
+            # be the one cut off, and its view of the others' leases is stale.)
+            now = loop.time()
+            if now < self._reap_after or now - self._renewed_at > 2 * self.renew_interval:
+                continue
             try:
                 await self.reap_dead()
             except Exception as exc:
@@ -821,7 +840,7 @@ class Presence:
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
             )
-        return Connection(token, bool(went_online), int(version))
+        return Connection(token, bool(went_online), int(version), new_entry=not previous)
 
     async def _claim_once(self, client_id: str, user: str, token: str, stale: str = "") -> str:
         """Run claim.lua once; '' if the client id is now bound to us, else the holder."""

@@ -703,7 +703,7 @@ class Server:
             return
         address = f"{session.address[0]}:{session.address[1]}"
         try:
-            await self.presence.connected(
+            restored = await self.presence.connected(
                 session.client_id,
                 session.user,
                 address=address,
@@ -723,7 +723,11 @@ class Server:
             self._redis_failed(exc)
             self._failed_restores.append(session)
         else:
-            self.counters["restored"] += 1
+            if restored.new_entry:
+                # Its entry was gone: whatever was told meanwhile missed this client.
+                # The gap makes it fetch a snapshot, taken after this restore.
+                session.seq += 1
+                self.counters["restored"] += 1
 
     def _verify_soon(self) -> None:
         """Compare what we hold with what Redis lists a little after a lapse (a reaper
