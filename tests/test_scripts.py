@@ -129,7 +129,7 @@ async def friends(
 ) -> list[Any]:
     """friends.lua, then synced.lua for every change it returned (what the library does
     once the reverse indexes are in step), so each call starts with nothing waiting."""
-    result: list[Any] = await run("friends", fkeys(user), user, op, limit, now, *names)
+    result: list[Any] = await run("friends", fkeys(user), user, op, limit, now, "", *names)
     flat = result[3]
     pairs = [str(v) for i in range(0, len(flat), 3) for v in (flat[i], flat[i + 1])]
     if pairs:
@@ -690,18 +690,20 @@ async def test_friends_changes_wait_in_reindex_until_synced(
 ) -> None:
     reindex = keys.reindex_key("A")
     await r.sadd(ukeys("A")[3], "B")  # B declares A
-    first = await run("friends", fkeys("A"), "A", "add", 10, now, "B", "C")
+    first = await run("friends", fkeys("A"), "A", "add", 10, now, "", "B", "C")
     assert changes(first[3]) == {("B", 1, 1), ("C", 1, 0)}
     assert await r.hgetall(reindex) == {"B": "1", "C": "1"}
     # The caller's answer was lost: a retry changes nothing (no bump) but gets the
     # waiting changes back; so does any later call, even one with no names.
     for names in (("B", "C"), ()):
-        status, v, online, flat = await run("friends", fkeys("A"), "A", "add", 10, now + 5, *names)
+        status, v, online, flat = await run(
+            "friends", fkeys("A"), "A", "add", 10, now + 5, "", *names
+        )
         assert (status, v, online) == (1, now, 0)
         assert changes(flat) == {("B", 1, 1), ("C", 1, 0)}
     # A new change comes first, then the waiting ones; a name changed again is listed
     # once, with its new value.
-    status, v, _, flat = await run("friends", fkeys("A"), "A", "remove", 10, now, "C")
+    status, v, _, flat = await run("friends", fkeys("A"), "A", "remove", 10, now, "", "C")
     assert (status, v) == (1, now + 1)
     assert flat[:3] == ["C", 0, 0]
     assert changes(flat) == {("C", 0, 0), ("B", 1, 1)}
@@ -713,9 +715,9 @@ async def test_friends_changes_wait_in_reindex_until_synced(
     assert await r.hgetall(reindex) == {"B": "1"}
     assert await run("synced", [reindex], "B", "1", "C", "0") == 1
     assert await r.exists(reindex) == 0
-    assert await run("friends", fkeys("A"), "A", "add", 10, now, "B") == [1, now + 1, 0, []]
+    assert await run("friends", fkeys("A"), "A", "add", 10, now, "", "B") == [1, now + 1, 0, []]
     # A refused call records nothing.
-    assert (await run("friends", fkeys("A"), "A", "add", 1, now, "D"))[0] == 0
+    assert (await run("friends", fkeys("A"), "A", "add", 1, now, "", "D"))[0] == 0
     assert await r.exists(reindex) == 0
 
 
@@ -999,3 +1001,21 @@ async def test_call_many_raises_script_errors(run: ScriptRunner, r: Redis, now: 
     await r.set(ukeys("A")[3], "not a set")
     with pytest.raises(ResponseError):
         await run.many([("peek", ukeys("B"), ["A", now]), ("fans", ukeys("A"), ["add", "B", now])])
+
+
+async def test_friends_from_a_session_that_is_no_longer_current_change_nothing(
+    run: ScriptRunner, r: Redis
+) -> None:
+    # A FRIENDS that waited in a stalled daemon, after its client moved elsewhere, must
+    # not undo what the user changed since: the session must still be the current one.
+    now = 1_700_000_000_000
+    await run("connect", ukeys("A"), "c1", "new|d2|", now, "0", "connect", GRACE)
+    before = await r.smembers(keys.friends_key("A"))
+    stale = await run("friends", fkeys("A"), "A", "add", 10, now, "c1|old", "B")
+    assert stale[0] == 2 and stale[3] == []
+    assert await r.smembers(keys.friends_key("A")) == before
+    gone = await run("friends", fkeys("A"), "A", "add", 10, now, "c9|new", "B")
+    assert gone[0] == 2
+    current = await run("friends", fkeys("A"), "A", "add", 10, now, "c1|new", "B")
+    assert current[0] == 1
+    assert await r.smembers(keys.friends_key("A")) == {"B"}

@@ -392,6 +392,8 @@ class PresenceClient:
 
                     await self._request(build, (FriendsOk,))
         except PresenceClientError as exc:
+            if exc.code is ErrorCode.UNKNOWN_SESSION and self.session == session:
+                self._start_reconnect(next_server=False)  # the daemon forgot us
             if exc.code in (None, ErrorCode.UNKNOWN_SESSION):
                 # No answer, or the session ended meanwhile (we reconnected): the daemon
                 # may have applied it. Keep the names; the next complete list the

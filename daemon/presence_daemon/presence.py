@@ -1102,24 +1102,42 @@ class Presence:
     # -- friends -------------------------------------------------------------------
 
     async def set_friends(
-        self, user: str, names: Iterable[str], *, origin: str | None = None
+        self,
+        user: str,
+        names: Iterable[str],
+        *,
+        origin: str | None = None,
+        token: str | None = None,
     ) -> None:
         """Replace the friends ``user`` declares; mutual friends are told what changed,
         and the user's clients other than ``origin`` (the client id that asked, if any)
-        are made to fetch a snapshot."""
-        await self._change_friends(user, "set", names, origin=origin)
+        are made to fetch a snapshot. With ``origin`` and ``token`` (the asking session),
+        Superseded is raised and nothing changes unless that session is the client
+        id's current one: a request that waited in a stalled daemon cannot undo the
+        user's later changes."""
+        await self._change_friends(user, "set", names, origin=origin, token=token)
 
     async def add_friends(
-        self, user: str, names: Iterable[str], *, origin: str | None = None
+        self,
+        user: str,
+        names: Iterable[str],
+        *,
+        origin: str | None = None,
+        token: str | None = None,
     ) -> None:
         """Add to the friends ``user`` declares (see :meth:`set_friends`)."""
-        await self._change_friends(user, "add", names, origin=origin)
+        await self._change_friends(user, "add", names, origin=origin, token=token)
 
     async def remove_friends(
-        self, user: str, names: Iterable[str], *, origin: str | None = None
+        self,
+        user: str,
+        names: Iterable[str],
+        *,
+        origin: str | None = None,
+        token: str | None = None,
     ) -> None:
         """Remove from the friends ``user`` declares (see :meth:`set_friends`)."""
-        await self._change_friends(user, "remove", names, origin=origin)
+        await self._change_friends(user, "remove", names, origin=origin, token=token)
 
     def _check_friends(self, names: Iterable[str]) -> list[str]:
         wanted = _names(names)
@@ -1128,16 +1146,25 @@ class Presence:
         return wanted
 
     async def _change_friends(
-        self, user: str, op: str, names: Iterable[str], *, origin: str | None = None
+        self,
+        user: str,
+        op: str,
+        names: Iterable[str],
+        *,
+        origin: str | None = None,
+        token: str | None = None,
     ) -> None:
         check_name(user, "user name")
         wanted = self._check_friends(names) if op != "remove" else _names(names)
+        session = f"{origin}|{token}" if origin is not None and token is not None else ""
         status, version, online, flat = await self.scripts.call(
             self.redis,
             "friends",
             [*keys.user_keys(user), keys.reindex_key(user)],
-            [user, op, self.max_friends, self._now_ms(), *wanted],
+            [user, op, self.max_friends, self._now_ms(), session, *wanted],
         )
+        if status == 2:
+            raise Superseded(origin or "?")
         if not status:
             raise PresenceError(ErrorCode.TOO_MANY_FRIENDS, f"more than {self.max_friends}")
         changes = [

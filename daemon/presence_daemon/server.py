@@ -483,14 +483,6 @@ class Server:
         self.counters["connects"] += 1
         await self._send_connect_ok(msg, session, addr, size)
 
-    async def _guarded(self, request: int, addr: Address, size: int, op: Awaitable[Any]) -> bool:
-        try:
-            await op
-        except (PresenceError, RedisError, OSError) as exc:
-            self._refuse(exc, request, addr, size)
-            return False
-        return True
-
     def _refuse(self, exc: Exception, request: int, addr: Address, size: int | None) -> None:
         if isinstance(exc, PresenceError):
             code = exc.code
@@ -584,12 +576,16 @@ class Server:
             FriendsOp.REMOVE: self.presence.remove_friends,
             FriendsOp.SET: self.presence.set_friends,
         }[msg.op]
-        if await self._guarded(
-            msg.request,
-            session.address,
-            MAX_DATAGRAM,
-            change(session.user, names, origin=session.client_id),
-        ):
+        try:
+            await change(session.user, names, origin=session.client_id, token=session.token_hex)
+        except Superseded as exc:
+            # Redis no longer lists this session (replaced elsewhere, or reaped): it is
+            # dead. Forget it; the client connects again on UNKNOWN_SESSION.
+            self._drop(session)
+            self._refuse(exc, msg.request, session.address, MAX_DATAGRAM)
+        except (PresenceError, RedisError, OSError) as exc:
+            self._refuse(exc, msg.request, session.address, MAX_DATAGRAM)
+        else:
             self.counters["friend_changes"] += 1
             self._reply(FriendsOk(msg.request), session.address)
 

@@ -12,10 +12,14 @@
 -- ARGV[2]  'add', 'remove' or 'set' (replace the whole list)
 -- ARGV[3]  most friends the list may hold afterwards
 -- ARGV[4]  now, in milliseconds (versions never fall below it)
--- ARGV[5..] friend names
+-- ARGV[5]  'client id|token' of the session asking, or '' (a caller without a session):
+--          a session that is no longer the client id's current one changes nothing
+--          (a request that waited in a stalled daemon must not undo later changes)
+-- ARGV[6..] friend names
 --
 -- Returns {status, version, online, changes}
---   status   1 applied; 0 refused because the list would exceed ARGV[3] (nothing changed)
+--   status   1 applied; 0 refused because the list would exceed ARGV[3] (nothing changed);
+--            2 refused because the session in ARGV[5] is not current (nothing changed)
 --   version  the user's state version after the call (bumped if anything changed)
 --   online   1 if the user has a connected client
 --   changes  flat array: name, 1 (added) or 0 (removed), 1 if name declares the user else 0;
@@ -27,8 +31,15 @@
 -- call returns the waiting ones again: a change whose caller lost the answer or died
 -- is completed by the next call (the client's retry, or its next connect with a list).
 local user, op, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if ARGV[5] ~= '' then
+  local client_id, token = string.match(ARGV[5], '^([^|]*)|(.*)$')
+  local entry = redis.call('HGET', KEYS[1], client_id)
+  if not entry or string.sub(entry, 1, #token + 1) ~= token .. '|' then
+    return {2, tonumber(redis.call('GET', KEYS[2]) or '0'), 0, {}}
+  end
+end
 local wanted = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if ARGV[i] ~= user then wanted[ARGV[i]] = true end
 end
 local to_add, to_remove = {}, {}
