@@ -208,6 +208,10 @@ class PresenceClient:
         self._heard = asyncio.Event()
         self._redeclare = False
         self._names_in_flight: set[str] = set()
+        self._list_changes = 0
+        """Friend changes of ours applied so far (a snapshot asked for before the last
+        one may list names older than ours)."""
+        self._snapshot_list_changes: dict[int, int] = {}
         self._closed = False
         self._next_request = secrets.randbelow(MAX_REQUEST_ID)
 
@@ -301,10 +305,12 @@ class PresenceClient:
         self.snapshots_requested += 1
         request = self._new_request()
         self._snapshot_parts[request] = {}
+        self._snapshot_list_changes[request] = self._list_changes
         try:
             await self._request(lambda r: SnapshotRequest(r, session), (Snapshot,), request=request)
         finally:
             self._snapshot_parts.pop(request, None)
+            self._snapshot_list_changes.pop(request, None)
 
     # -- requests ------------------------------------------------------------------
 
@@ -420,6 +426,7 @@ class PresenceClient:
             known = [n for n in known if n not in names]
         if self.declared is not None:
             self.declared = known
+        self._list_changes += 1
         kept = set(known)
         for name in list(self.friends):
             if name not in kept:
@@ -512,6 +519,9 @@ class PresenceClient:
         self._send_bytes(encode(Ping(reply.session)))
         if reply.complete and not send_friends:
             self._adopt_names(state.name for state in reply.friends)
+        elif self.declared is None:
+            for state in reply.friends:  # a part of the stored list: real names all the same
+                self.friends.setdefault(state.name, False)
         for state in reply.friends:
             self._apply(state)
         self._emit(StatusEvent("connected", self.server))
@@ -636,7 +646,12 @@ class PresenceClient:
         parts[msg.part] = msg
         if len(parts) < msg.parts:
             return
-        self._adopt_names(state.name for part in parts.values() for state in part.friends)
+        if self._snapshot_list_changes.get(msg.request) == self._list_changes:
+            self._adopt_names(state.name for part in parts.values() for state in part.friends)
+        else:
+            # We changed the list while this answer was on its way: its names may be
+            # older than ours. Apply its states only, and ask again.
+            asyncio.get_running_loop().call_soon(self._schedule_repair)
         for part in parts.values():
             for state in part.friends:
                 self._apply(state)
@@ -669,11 +684,15 @@ class PresenceClient:
             self.declared = list(self.friends)
 
     def _apply(self, state: FriendState) -> None:
-        """Apply a friend state unless we already hold a newer one."""
+        """Apply a friend state unless we already hold a newer one.
+
+        A name we do not know is ignored: names are learned only from complete lists
+        (CONNECT_OK, snapshots) and our own changes, so a late NOTIFY about a name that
+        was just removed cannot bring it back. (A name added by another client of the
+        user arrives with the snapshot its change makes us fetch.)
+        """
         if state.name not in self.friends:
-            if self.declared is not None:
-                return  # not (or no longer) declared by this client
-            self.friends[state.name] = False  # the stored list is ours: learn its names
+            return
         if state.version < self.versions.get(state.name, -1):
             return
         self.versions[state.name] = state.version
