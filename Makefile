@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
-CHAOS_SCHEDULES ?= 2000
+CHAOS_SCHEDULES ?= 1000
 CHAOS_ARGS      ?=
 
 .DEFAULT_GOAL := help
