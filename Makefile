@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
-CHAOS_SCHEDULES ?= 1000
+CHAOS_SCHEDULES ?= 200
+MODEL_SCHEDULES ?= 4000
 CHAOS_ARGS      ?=
 
 .DEFAULT_GOAL := help
@@ -43,8 +44,12 @@ demo: $(STAMP) ## Run the demo (starts its own embedded Redis; DEMO_ARGS=...)
 bench: $(STAMP) ## Run the benchmark (bench/run.py)
 	$(BIN)/python bench/run.py
 
-# Seeds BASE..BASE+N-1 (BASE random unless CHAOS_ARGS="--seed S"); exits 1 on any violation.
-chaos: $(STAMP) ## Random fault schedules checked against a model (CHAOS_SCHEDULES=N CHAOS_ARGS=...)
+# Library-level schedules (seeds 0..MODEL_SCHEDULES-1, ~0.15 s each), then real-process
+# schedules (seeds BASE..BASE+N-1, ~8 s each; BASE random unless CHAOS_ARGS="--seed S").
+# Exits non-zero on any violation.
+chaos: $(STAMP) ## Random fault schedules vs a model (MODEL_SCHEDULES=N CHAOS_SCHEDULES=N CHAOS_ARGS=...)
+	MODEL_SCHEDULES=$(MODEL_SCHEDULES) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		--timeout=0 tests/test_model_schedules.py
 	$(BIN)/python tests/chaos.py --schedules $(CHAOS_SCHEDULES) $(CHAOS_ARGS)
 
 clean: ## Remove the venv, caches and build artefacts
