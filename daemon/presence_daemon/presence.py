@@ -821,9 +821,8 @@ class Presence:
             if not restore:
                 pipe.get(keys.client_key(client_id))
             elif unbound:
-                min_age_ms = round(self.stale_binding_after * 1000)
-                args: list[str | int] = [user, token, self._now_ms(), "", min_age_ms]
-                self.scripts.queue(pipe, "claim", [keys.client_key(client_id)], args)
+                claim = self._claim_args(user, token)
+                self.scripts.queue(pipe, "claim", [keys.client_key(client_id)], claim)
             results = await pipe.execute() if len(pipe) else []
             if not restore:
                 bound = results[-1]
@@ -842,16 +841,14 @@ class Presence:
             )
         return Connection(token, bool(went_online), int(version), new_entry=not previous)
 
+    def _claim_args(self, user: str, token: str, stale: str = "") -> list[str | int]:
+        """ARGV of claim.lua (see its header)."""
+        return [user, token, self._now_ms(), stale, round(self.stale_binding_after * 1000)]
+
     async def _claim_once(self, client_id: str, user: str, token: str, stale: str = "") -> str:
         """Run claim.lua once; '' if the client id is now bound to us, else the holder."""
-        args: list[str | int] = [
-            user,
-            token,
-            self._now_ms(),
-            stale,
-            round(self.stale_binding_after * 1000),
-        ]
         key = keys.client_key(client_id)
+        args = self._claim_args(user, token, stale)
         return _text(await self.scripts.call(self.redis, "claim", [key], args))
 
     async def _claim(self, client_id: str, user: str, token: str) -> None:
