@@ -7,6 +7,8 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 
+from presence_client.sdk import Event, FriendEvent, PresenceClient, StatusEvent
+
 Predicate = Callable[[], bool | Awaitable[bool]]
 
 
@@ -38,3 +40,49 @@ def hash_tag(key: str) -> str:
         if end > start + 1:
             return key[start + 1 : end]
     return key
+
+
+class ManualClock:
+    """A wall clock that stands still until the test moves it on. A Presence built with
+    it (``Presence(clock=...)``) sees ``now()`` = this + the offset to Redis's clock
+    measured at start(), so every now_ms it passes to the scripts moves only with it."""
+
+    def __init__(self) -> None:
+        self.seconds = time.time()
+
+    def __call__(self) -> float:
+        return self.seconds
+
+    def advance(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+class Watched:
+    """A PresenceClient and every event it emitted, in order."""
+
+    def __init__(self, client: PresenceClient) -> None:
+        self.client = client
+        self.events: list[Event] = []
+        client.add_listener(self.events.append)
+
+    @property
+    def user(self) -> str:
+        return self.client.user
+
+    @property
+    def friends(self) -> dict[str, bool]:
+        return self.client.friends
+
+    def friend_events(self, name: str | None = None) -> list[FriendEvent]:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, FriendEvent) and (name is None or e.name == name)
+        ]
+
+    def seen(self, name: str) -> list[bool]:
+        """The online values of the FriendEvents about ``name``, in order."""
+        return [e.online for e in self.friend_events(name)]
+
+    def statuses(self) -> list[str]:
+        return [e.status for e in self.events if isinstance(e, StatusEvent)]

@@ -39,6 +39,7 @@ from faults import (  # noqa: F401
     private_daemons_fixture,
     private_redis_fixture,
 )
+from helpers import Watched
 from presence_client.protocol import (
     MAX_DATAGRAM,
     AnyMessage,
@@ -55,11 +56,8 @@ from presence_client.protocol import (
     encode,
 )
 from presence_client.sdk import (
-    Event,
-    FriendEvent,
     PresenceClient,
     PresenceClientError,
-    StatusEvent,
 )
 from presence_daemon import keys
 from presence_daemon.presence import Presence
@@ -178,30 +176,6 @@ async def truth(private_redis: RedisServer) -> AsyncIterator[Truth]:
 
 # ---------------------------------------------------------------------------
 # SDK clients.
-
-
-class Watched:
-    """A PresenceClient and every event it emitted, in order."""
-
-    def __init__(self, client: PresenceClient) -> None:
-        self.client = client
-        self.events: list[Event] = []
-        client.add_listener(self.events.append)
-
-    @property
-    def user(self) -> str:
-        return self.client.user
-
-    @property
-    def friends(self) -> dict[str, bool]:
-        return self.client.friends
-
-    def seen(self, name: str) -> list[bool]:
-        """The online values of the FriendEvents about ``name``, in order."""
-        return [e.online for e in self.events if isinstance(e, FriendEvent) and e.name == name]
-
-    def statuses(self) -> list[str]:
-        return [e.status for e in self.events if isinstance(e, StatusEvent)]
 
 
 class Clients:

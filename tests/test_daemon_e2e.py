@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_factory_fixture  # noqa: F401
-from helpers import wait_for
+from helpers import Watched, wait_for
 from presence_client.protocol import (
     MAX_DATAGRAM,
     Connect,
@@ -31,8 +31,6 @@ from presence_client.protocol import (
     encode,
 )
 from presence_client.sdk import (
-    Event,
-    FriendEvent,
     PresenceClient,
     PresenceClientError,
     StatusEvent,
@@ -43,30 +41,6 @@ from presence_daemon.presence import Presence
 REQUEST_TIMEOUT = 0.2
 TIMEOUT_WAIT = 3.0
 """Upper bound for a silent client to be dropped (timeout 0.6 s + sweep 0.05 s + CI)."""
-
-
-class Watched:
-    """A PresenceClient and every event it emitted, in order."""
-
-    def __init__(self, client: PresenceClient) -> None:
-        self.client = client
-        self.events: list[Event] = []
-        client.add_listener(self.events.append)
-
-    @property
-    def friends(self) -> dict[str, bool]:
-        return self.client.friends
-
-    def friend_events(self, name: str | None = None) -> list[FriendEvent]:
-        return [
-            e
-            for e in self.events
-            if isinstance(e, FriendEvent) and (name is None or e.name == name)
-        ]
-
-    def seen(self, name: str) -> list[bool]:
-        """The online values of the FriendEvents about ``name``, in order."""
-        return [e.online for e in self.friend_events(name)]
 
 
 class Clients:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from helpers import wait_for
+from helpers import ManualClock, wait_for
 from presence_client.protocol import ErrorCode, FriendState
 from presence_daemon import keys
 from presence_daemon.presence import (
@@ -75,19 +74,6 @@ their views of the one manual clock differ by that much)."""
 TOUCH_CLIENT = "zz-touch"
 """A client id no user ever connects: disconnecting it only retells what is pending."""
 TOUCH_TOKEN = "00000000"
-
-
-class ManualClock:
-    """A wall clock that moves only when the schedule advances it."""
-
-    def __init__(self) -> None:
-        self.seconds = time.time()
-
-    def __call__(self) -> float:
-        return self.seconds
-
-    def advance(self, seconds: float) -> None:
-        self.seconds += seconds
 
 
 @dataclass(frozen=True, slots=True)

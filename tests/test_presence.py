@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from faults import TcpProxy
-from helpers import wait_for
+from helpers import ManualClock, wait_for
 from presence_client.protocol import ErrorCode, FriendState, ProtocolError
 from presence_daemon import keys
 from presence_daemon.embedded import EmbeddedRedis
@@ -1271,21 +1271,6 @@ async def test_calls_for_one_client_id_apply_in_call_order(presence: Presence, r
 # decided it; older, any call that touches the user tells it again, and a call whose
 # connect or disconnect got no answer settles it (reads the outbox once the grace has
 # passed and tells what is there). The tests drive the instances' clock past the grace.
-
-
-class ManualClock:
-    """A wall clock that stands still until the test moves it on. An instance built with
-    it (``Presence(clock=...)``) sees ``now()`` = this + the offset to Redis's clock
-    measured at start(), so every now_ms it passes to the scripts moves only with it."""
-
-    def __init__(self) -> None:
-        self.seconds = time.time()
-
-    def __call__(self) -> float:
-        return self.seconds
-
-    def advance(self, seconds: float) -> None:
-        self.seconds += seconds
 
 
 PAST_THE_GRACE: float = OUTBOX_GRACE + 0.001
