@@ -72,7 +72,14 @@ from faults import (  # noqa: F401
     private_redis_fixture,
 )
 from helpers import wait_for
-from presence_client.protocol import ErrorCode, FriendsOk, Pong, ProtocolError, decode
+from presence_client.protocol import (
+    ErrorCode,
+    FriendsOk,
+    Pong,
+    ProtocolError,
+    Snapshot,
+    decode,
+)
 from presence_client.sdk import Event, PresenceClient, PresenceClientError, StatusEvent
 from presence_daemon import keys
 
@@ -652,3 +659,49 @@ async def test_friend_change_refused_after_a_reconnect_keeps_the_view_true(
         return view_mismatches(await read_truth(store), [second])
 
     await eventually(view_right, CONVERGE_BOUND, "ann-2 shows zed, as stored", lambda: "")
+
+
+async def test_snapshot_overtaken_by_own_change_is_asked_again(
+    private_daemons: DaemonFactory,
+    fault_kit: FaultKit,
+    pool: Pool,
+    store: redis.asyncio.Redis,
+) -> None:
+    """Another terminal removes a friend (the terminal keeping the stored list only sees
+    a sequence gap); the snapshot that gap asks for is answered only after the terminal
+    has changed the list itself, so that answer cannot say which names are declared.
+    The SDK must ask again rather than take the gap as repaired: the view drops the
+    removed name within CONVERGE_BOUND of the answer getting through."""
+    daemon = private_daemons("d1", flags=DAEMON_FLAGS)
+    relay = fault_kit.relay(daemon.address, seed=11)
+    pool.relays = [relay]
+    first = pool.add("ann", "ann-1", ["ben", "cat"], daemon.address)
+    second = pool.add("ann", "ann-2", None, relay.address)
+    await first.client.connect()
+    await second.client.connect()
+    for t in (first, second):
+        t.should_be_connected = True
+    asked_before = second.client.snapshots_requested
+
+    def drops_snapshots(data: bytes, direction: Direction) -> bool:
+        with contextlib.suppress(ProtocolError):
+            return isinstance(decode(data), Snapshot)
+        return False
+
+    relay.set_faults(drop_if=drops_snapshots, directions=["down"])
+    await first.client.remove_friends(["ben"])  # ann-2: a gap, seen in its next PONG
+    await wait_for(
+        lambda: second.client.snapshots_requested > asked_before,
+        5.0,
+        what="ann-2 asks for a snapshot after the gap",
+    )
+    await second.client.add_friends(["zed"])  # while that snapshot is unanswered
+    relay.clear()
+    assert (await read_truth(store)).lists["ann"] == {"cat", "zed"}
+
+    async def view_right() -> list[str]:
+        return view_mismatches(await read_truth(store), [second])
+
+    await eventually(
+        view_right, CONVERGE_BOUND, "ann-2 no longer lists ben", lambda: counters([relay])
+    )

@@ -87,6 +87,9 @@ PROBE_INTERVAL: Final = (0.25, 1.0)
 left at most ping interval + 3 s after its last answer, with the default 5 s interval."""
 MIN_PING_INTERVAL: Final = 0.05
 """Never ping more often than this, whatever a daemon asks."""
+SNAPSHOT_ATTEMPTS: Final = 3
+"""Snapshots one :meth:`PresenceClient.refresh` asks for while each answer is overtaken
+by a friend change of ours (then the next PONG showing the gap asks again)."""
 
 
 class PresenceClientError(Exception):
@@ -212,6 +215,8 @@ class PresenceClient:
         """Friend changes of ours applied so far (a snapshot asked for before the last
         one may list names older than ours)."""
         self._snapshot_list_changes: dict[int, int] = {}
+        self._overtaken_snapshots: set[int] = set()
+        """Snapshot requests whose answer arrived after a friend change of ours."""
         self._closed = False
         self._next_request = secrets.randbelow(MAX_REQUEST_ID)
 
@@ -300,7 +305,19 @@ class PresenceClient:
         await self._change_friends(FriendsOp.SET, names)
 
     async def refresh(self) -> None:
-        """Ask for a snapshot of all friends and apply it."""
+        """Ask for a snapshot of all friends and apply it.
+
+        An answer overtaken by a friend change of ours (made while it was on its way)
+        may list names older than ours: its states are applied and the snapshot is
+        asked for again, up to :data:`SNAPSHOT_ATTEMPTS` times. Only a whole answer
+        marks the notification gap repaired, so if none was, the next PONG asks again.
+        """
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            if await self._snapshot_once():
+                return
+
+    async def _snapshot_once(self) -> bool:
+        """One snapshot request; True if its answer was adopted whole."""
         session = self._require_session()
         self.snapshots_requested += 1
         request = self._new_request()
@@ -308,9 +325,11 @@ class PresenceClient:
         self._snapshot_list_changes[request] = self._list_changes
         try:
             await self._request(lambda r: SnapshotRequest(r, session), (Snapshot,), request=request)
+            return request not in self._overtaken_snapshots
         finally:
             self._snapshot_parts.pop(request, None)
             self._snapshot_list_changes.pop(request, None)
+            self._overtaken_snapshots.discard(request)
 
     # -- requests ------------------------------------------------------------------
 
@@ -646,16 +665,18 @@ class PresenceClient:
         parts[msg.part] = msg
         if len(parts) < msg.parts:
             return
-        if self._snapshot_list_changes.get(msg.request) == self._list_changes:
+        whole = self._snapshot_list_changes.get(msg.request) == self._list_changes
+        if whole:
             self._adopt_names(state.name for part in parts.values() for state in part.friends)
         else:
             # We changed the list while this answer was on its way: its names may be
-            # older than ours. Apply its states only, and ask again.
-            asyncio.get_running_loop().call_soon(self._schedule_repair)
+            # older than ours. Apply its states only; refresh() asks again.
+            self._overtaken_snapshots.add(msg.request)
         for part in parts.values():
             for state in part.friends:
                 self._apply(state)
-        self.last_seq = max(self.last_seq, msg.seq)
+        if whole:
+            self.last_seq = max(self.last_seq, msg.seq)
         future.set_result(msg)
 
     def _schedule_repair(self) -> None:
