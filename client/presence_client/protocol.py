@@ -53,6 +53,9 @@ four-byte characters need about 230)."""
 MAX_REQUEST_ID: Final = 2**32 - 1
 """Request ids are unsigned 32-bit integers chosen by the client."""
 
+MAX_COUNTER: Final = 2**63 - 1
+"""Connect numbers (CONNECT ``n``) are unsigned integers below 2**63."""
+
 _NAME_RE: Final = re.compile(rf"[\w.@+-]{{1,{MAX_NAME_CHARS}}}")
 
 
@@ -92,11 +95,17 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_SESSION = 10
     """The session token is unknown or expired: connect again."""
     CLIENT_ID_IN_USE = 11
-    """The client id is connected for another user."""
+    """The client id is connected for another user, or by a live session this CONNECT
+    has no proof it may replace (no valid token, no ``ps``): wait for that session's
+    timeout, or use another client id."""
     TOO_MANY_FRIENDS = 12
     """The friend list is longer than the daemon allows."""
     UNAUTHORIZED = 13
-    """The connect lacks a valid auth token (reserved for daemons that require one)."""
+    """The CONNECT lacks a valid login token for this user (and client id)."""
+    FORBIDDEN = 14
+    """The daemon does not let clients change friend lists (the application sets them)."""
+    STALE = 15
+    """The CONNECT's number is older than the client id's last one (a replay)."""
     TRY_AGAIN = 20
     """The daemon is overloaded or cannot reach its store: retry after a backoff."""
 
@@ -183,7 +192,7 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Connect(Message):
-    """Client -> daemon: start (or refresh) a session. Keys ``r c u f a``."""
+    """Client -> daemon: start (or refresh) a session. Keys ``r c u f a n ps``."""
 
     TYPE = MessageType.CONNECT
     request: int
@@ -195,7 +204,13 @@ class Connect(Message):
     friends: tuple[str, ...] | None = None
     """Replace the user's declared friends with these; None keeps the stored list."""
     auth: bytes | None = None
-    """Optional login token issued by the application (checked when the daemon asks)."""
+    """Login token issued by the application (a JWT); required by a daemon with auth."""
+    counter: int = 0
+    """Connect number, strictly increasing per client id (0: none). A CONNECT whose
+    number is below the last one seen for the client id, or equal to it once that
+    session ended, is a replay and changes nothing."""
+    previous: bytes | None = None
+    """The session token this client held before (proof that it may replace it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,12 +467,17 @@ def _decode_connect(m: dict[Any, Any]) -> Connect:
     auth = m.get("a")
     if auth is not None and type(auth) is not bytes:
         raise ProtocolError(ErrorCode.INVALID_FIELD, "key 'a' must be bytes")
+    previous = m.get("ps")
+    if previous is not None and (type(previous) is not bytes or len(previous) != SESSION_BYTES):
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "key 'ps' must be 16 bytes")
     return Connect(
         request=_request(m),
         client_id=_name(m, "c", "client id"),
         user=_name(m, "u", "user name"),
         friends=None if friends_value is None else _names(friends_value, "f"),
         auth=auth,
+        counter=_uint(m, "n", MAX_COUNTER) if "n" in m else 0,
+        previous=previous,
     )
 
 
@@ -573,6 +593,10 @@ def _fields(msg: Message) -> dict[str, object]:
                 fields["f"] = list(msg.friends)
             if msg.auth is not None:
                 fields["a"] = msg.auth
+            if msg.counter:
+                fields["n"] = msg.counter
+            if msg.previous is not None:
+                fields["ps"] = msg.previous
             return fields
         case ConnectOk():
             return {
