@@ -53,8 +53,9 @@ four-byte characters need about 230)."""
 MAX_REQUEST_ID: Final = 2**32 - 1
 """Request ids are unsigned 32-bit integers chosen by the client."""
 
-MAX_COUNTER: Final = 2**63 - 1
-"""Connect numbers (CONNECT ``n``) are unsigned integers below 2**63."""
+MAX_COUNTER: Final = 2**53 - 1
+"""Connect numbers (CONNECT ``n``) are unsigned integers exact in a double (Redis's Lua
+compares them as numbers)."""
 
 _NAME_RE: Final = re.compile(rf"[\w.@+-]{{1,{MAX_NAME_CHARS}}}")
 

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -72,6 +74,8 @@ from presence_client.protocol import (
 log = logging.getLogger(__name__)
 
 Server = tuple[str, int]
+TokenSource = str | bytes | Callable[[], str | bytes | Awaitable[str | bytes]]
+"""A login token, or a function (plain or async) that returns a fresh one."""
 
 DEFAULT_PORT: Final = 13131
 REQUEST_TIMEOUT: Final = 0.5
@@ -176,6 +180,7 @@ class PresenceClient:
         max_backoff: float = MAX_BACKOFF,
         connect_attempts: int = 8,
         auto_reconnect: bool = True,
+        token: TokenSource | None = None,
     ) -> None:
         self.user = check_name(user, "user name")
         self.client_id = check_name(client_id or f"c-{secrets.token_hex(6)}", "client id")
@@ -192,7 +197,14 @@ class PresenceClient:
         self.connect_attempts = connect_attempts
         self.auto_reconnect = auto_reconnect
         self.server_index = 0
+        self.token = token
+        """The login token (a JWT from the application's backend), or a function that
+        returns one (may be async): called before every CONNECT, so a reconnect an hour
+        later sends a fresh token. None for a daemon without auth."""
         self.session: bytes | None = None
+        self._previous_session: bytes | None = None
+        """The last session we held: sent with a reconnect as proof that we may replace it."""
+        self._connect_number = 0
         self.ping_interval = 5.0
         self.timeout = 15.0
         self.friends: dict[str, bool] = {name: False for name in self.declared or ()}
@@ -494,6 +506,13 @@ class PresenceClient:
             friends_in_connect: tuple[str, ...] | None = None  # sent as a multi-part SET after
         else:
             friends_in_connect = friends
+        auth = await self._login_token()
+        # One number for every CONNECT of this call, whichever server it reaches: a
+        # CONNECT applied whose answer was lost, then sent to the next server, is the
+        # same connect again there (not one that needs proof to replace the first).
+        self._connect_number = max(self._connect_number + 1, time.time_ns() // 1_000_000)
+        number = self._connect_number
+        previous = self._previous_session
         last_error: PresenceClientError | None = None
         remaining = attempts
         while remaining > 0:
@@ -504,7 +523,15 @@ class PresenceClient:
             remaining -= tries
             try:
                 reply = await self._request(
-                    lambda r: Connect(r, self.client_id, self.user, friends_in_connect),
+                    lambda r: Connect(
+                        r,
+                        self.client_id,
+                        self.user,
+                        friends_in_connect,
+                        auth=auth,
+                        counter=number,
+                        previous=previous,
+                    ),
                     (ConnectOk,),
                     attempts=tries,
                     pad=True,
@@ -525,10 +552,30 @@ class PresenceClient:
         self._close_transport()
         raise last_error or PresenceClientError("no server answered")
 
+    async def _login_token(self) -> bytes | None:
+        """The token to send with the next CONNECT (calling the token function)."""
+        source = self.token
+        token: object = source
+        if callable(source):
+            try:
+                token = source()
+                if inspect.isawaitable(token):
+                    token = await token
+            except Exception as exc:
+                raise PresenceClientError(f"the login token function failed: {exc}") from exc
+        if token is None:
+            return None
+        if isinstance(token, str):
+            return token.encode()
+        if isinstance(token, bytes):
+            return token
+        raise PresenceClientError(f"a login token is str or bytes, not {type(token).__name__}")
+
     async def _on_connected(
         self, reply: ConnectOk, send_friends: bool, friends: tuple[str, ...] | None
     ) -> None:
         self.session = reply.session
+        self._previous_session = reply.session
         self.ping_interval = max(reply.ping_interval_ms / 1000, MIN_PING_INTERVAL)
         self.timeout = reply.timeout_ms / 1000
         self.last_seq = reply.seq

@@ -43,6 +43,7 @@ from presence_client.sdk import (
     PresenceClient,
     PresenceClientError,
     Server,
+    TokenSource,
     parse_server,
 )
 
@@ -106,6 +107,8 @@ class Options:
     duration: float | None
     log_level: str
     connect_attempts: int
+    token: str | None = None
+    token_file: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,9 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="attempts (along the server list) before giving up (default 8)",
     )
     parser.add_argument(
+        "--token",
+        default=os.environ.get("PRESENCE_TOKEN") or None,
+        metavar="JWT",
+        help="login token from the application, for a daemon with auth [env PRESENCE_TOKEN]",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the login token from this file before every connect (so a process "
+        "that renews it there keeps reconnects working)",
+    )
+    parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="warning", help="(default warning)"
     )
     return parser
+
+
+def _token_source(opts: Options) -> TokenSource | None:
+    """The token option, or a function reading the token file at each connect."""
+    path = opts.token_file
+    if path is None:
+        return opts.token
+
+    def read() -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise PresenceClientError(
+                f"cannot read --token-file {path!r}: {exc.strerror}"
+            ) from None
+
+    return read
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -173,6 +206,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         duration=args.duration,
         log_level=args.log_level,
         connect_attempts=int(args.connect_attempts),
+        token=args.token,
+        token_file=args.token_file,
     )
 
 
@@ -397,6 +432,7 @@ async def run_client(
         servers=opts.servers,
         client_id=opts.client_id,
         connect_attempts=opts.connect_attempts,
+        token=_token_source(opts),
     )
     display: PlainDisplay | LiveDisplay
     if live:

@@ -17,7 +17,8 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
-from presence_daemon.config import Config
+from presence_daemon import auth
+from presence_daemon.config import Config, ConfigError
 from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import InstanceIdInUse, Presence, redis_client
 from presence_daemon.server import Address, Server
@@ -82,6 +83,7 @@ async def serve(
     Returns the Server (its counters are final). Raises redis errors or OSError if
     Redis or the UDP port cannot be reached at start-up.
     """
+    verifier = auth.from_config(config)  # before anything starts: bad key files fail fast
     embedded: EmbeddedRedis | None = None
     redis_url = config.redis_url
     if config.embedded_redis:
@@ -95,7 +97,8 @@ async def serve(
         max_friends=config.max_friends,
         lease_ttl=config.lease_ttl,
     )
-    server = Server(config, presence)  # before start(): reaping at start notifies friends
+    # Before start(): reaping at start notifies friends.
+    server = Server(config, presence, verifier=verifier)
     trigger = shutdown_trigger or _install_signal_trigger()
     try:
         await presence.start()
@@ -109,6 +112,7 @@ async def serve(
             host, port = transport.get_extra_info("sockname")[:2]
             print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
             log.info("serving on udp://%s:%d with redis %s", host, port, _safe_url(redis_url))
+            _log_auth(config, verifier)
             if on_ready is not None:
                 on_ready(server, (host, port))
             await trigger()
@@ -122,6 +126,21 @@ async def serve(
         await presence.close()
         if embedded is not None:
             embedded.stop()
+
+
+def _log_auth(config: Config, verifier: auth.Verifier | None) -> None:
+    """One line saying who may connect as whom."""
+    if verifier is not None:
+        log.info("auth: a CONNECT needs a login token (%s)", ", ".join(verifier.algorithms))
+    elif config.insecure_no_auth:
+        log.warning(
+            "auth: NONE (--insecure-no-auth): anyone who can reach udp://%s:%d can connect "
+            "as any user",
+            config.host,
+            config.port,
+        )
+    else:
+        log.info("auth: none; serving loopback only, where every local process may be any user")
 
 
 RECEIVE_BUFFER: Final = 4 * 1024 * 1024
@@ -163,6 +182,9 @@ def run(config: Config) -> int:
     )
     try:
         _run_with_uvloop(serve(config))
+    except ConfigError as exc:
+        print(f"presence-daemon: error: {exc}", file=sys.stderr)
+        return 2
     except InstanceIdInUse as exc:
         print(f"presence-daemon: error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from presence_client.protocol import is_valid_name
 
 DEFAULT_PORT: Final = 13131
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+FRIEND_LISTS: Final = ("clients", "app")
 MIN_SECONDS: Final = 0.01
 MAX_SECONDS: Final = 86_400.0
 
@@ -34,8 +35,9 @@ class ConfigError(ValueError):
 class Config:
     """Everything the daemon can be told."""
 
-    host: str = "0.0.0.0"
-    """Address to listen on for UDP."""
+    host: str = "127.0.0.1"
+    """Address to listen on for UDP. Any other than a loopback address needs auth
+    (``auth_*``) or ``insecure_no_auth``."""
     port: int = DEFAULT_PORT
     """UDP port to listen on (0 picks a free one)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -68,6 +70,23 @@ class Config:
     """Pending Redis operations per worker before new ones are refused with TRY_AGAIN."""
     max_friends: int = 1000
     """Most friends one user may declare."""
+    auth_hs256_secret_file: str = ""
+    """File holding the shared secret (32+ bytes) that login tokens are signed with
+    (HS256). With this or ``auth_public_key_file``, every CONNECT needs a valid token."""
+    auth_public_key_file: str = ""
+    """File holding the public key (PEM: RSA for RS256, P-256 for ES256, Ed25519 for
+    EdDSA) or a JWKS document (keys chosen by ``kid``) that login tokens are verified with."""
+    auth_audience: str = ""
+    """If set, a login token's ``aud`` must name it."""
+    auth_issuer: str = ""
+    """If set, a login token's ``iss`` must be it."""
+    insecure_no_auth: bool = False
+    """Serve a non-loopback address without auth: anyone who can reach the port can
+    connect as any user. Only for a network where every sender is trusted."""
+    friend_lists: str = "clients"
+    """Who sets friend lists: 'clients' (a client declares and changes its own user's
+    list) or 'app' (only the application, through the library: clients' lists in CONNECT
+    are ignored and FRIENDS is refused FORBIDDEN)."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a port number 0-65535")
@@ -111,6 +130,23 @@ class Config:
         _check(1 <= self.workers <= 4096, "workers", self.workers, "an integer 1-4096")
         _check(1 <= self.queue_size <= 1_000_000, "queue-size", self.queue_size, "1-1000000")
         _check(1 <= self.max_friends <= 100_000, "max-friends", self.max_friends, "1-100000")
+        _check(
+            self.friend_lists in FRIEND_LISTS,
+            "friend-lists",
+            self.friend_lists,
+            " or ".join(FRIEND_LISTS),
+        )
+        if not self.auth and not self.insecure_no_auth and not _loopback(self.host):
+            raise ConfigError(
+                f"--host: {self.host!r} is not a loopback address and no auth is configured: "
+                "set --auth-hs256-secret-file or --auth-public-key-file "
+                "(or --insecure-no-auth on a network where every sender is trusted)"
+            )
+
+    @property
+    def auth(self) -> bool:
+        """True if CONNECTs need a login token."""
+        return bool(self.auth_hs256_secret_file or self.auth_public_key_file)
 
     def pick_instance_id(self) -> str:
         """The instance id, or a new host-random one if none was set.
@@ -124,6 +160,10 @@ class Config:
             return self.instance_id
         host = "".join(c if is_valid_name(c) else "-" for c in socket.gethostname())[:40]
         return f"{host or 'daemon'}-{secrets.token_hex(4)}"
+
+
+def _loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
@@ -152,6 +192,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "queue_size": int,
     "max_friends": int,
     "embedded_redis": _bool,
+    "insecure_no_auth": _bool,
 }
 
 
@@ -213,6 +254,16 @@ _FIELD_HELP: Final = {
     "workers": "concurrent Redis operations",
     "queue_size": "pending Redis operations per worker before TRY_AGAIN",
     "max_friends": "most friends one user may declare",
+    "auth_hs256_secret_file": "file with the 32+ byte secret login tokens are signed with "
+    "(HS256); with this or --auth-public-key-file every CONNECT needs a valid token",
+    "auth_public_key_file": "file with the PEM public key (RSA: RS256, P-256: ES256, "
+    "Ed25519: EdDSA) or JWKS document login tokens are verified with",
+    "auth_audience": "if set, a login token's 'aud' must name it",
+    "auth_issuer": "if set, a login token's 'iss' must be it",
+    "insecure_no_auth": "serve a non-loopback address without auth (anyone reaching the "
+    "port can be any user)",
+    "friend_lists": "who sets friend lists: 'clients', or 'app' (only the application, "
+    "through the library; clients' changes are refused)",
 }
 
 

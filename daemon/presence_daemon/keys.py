@@ -30,6 +30,11 @@ def user_keys(user: str) -> tuple[str, str, str, str, str]:
     )
 
 
+def connect_number_key(user: str, client_id: str) -> str:
+    """String: the client id's last CONNECT number (replays below it are refused)."""
+    return f"{PREFIX}:{{{user}}}:n:{client_id}"
+
+
 def pending_key(user: str) -> str:
     """The user's outbox: "online|version|decided_ms" of a transition not yet confirmed told."""
     return f"{PREFIX}:{{{user}}}:pending"

@@ -71,7 +71,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from presence_client.protocol import ErrorCode, FriendState, ProtocolError, check_name
+from presence_client.protocol import (
+    MAX_COUNTER,
+    ErrorCode,
+    FriendState,
+    ProtocolError,
+    check_name,
+)
 from presence_daemon import keys
 from presence_daemon.scripts import Call, Scripts
 
@@ -123,6 +129,42 @@ class Superseded(PresenceError):
 
     def __init__(self, client_id: str) -> None:
         super().__init__(ErrorCode.UNKNOWN_SESSION, f"client id {client_id!r} has a newer session")
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """What lets a connect in: its connect number (0: none) and its proof ('*': the
+    caller vouches; else the token of the session it may replace, '' for none)."""
+
+    number: int
+    proof: str
+
+
+class SessionInUse(PresenceError):
+    """The client id has a session this connect has no proof it may replace."""
+
+    def __init__(self, client_id: str, entry: str) -> None:
+        super().__init__(
+            ErrorCode.CLIENT_ID_IN_USE,
+            f"client id {client_id!r} has a live session this connect may not replace",
+        )
+        self.entry = entry
+        """The session's entry, "token|owner|address"."""
+
+    @property
+    def owner(self) -> str:
+        return self.entry.split("|", 2)[1] if self.entry.count("|") >= 2 else ""
+
+
+def _refusal(status: int, client_id: str, previous: Any = "") -> PresenceError:
+    """The error for a connect.lua status other than 1 (nothing was written)."""
+    if status == 2:
+        return Superseded(client_id)
+    if status == 3:
+        return PresenceError(ErrorCode.STALE, f"a replayed connect of client id {client_id!r}")
+    if status == 4:
+        return SessionInUse(client_id, _text(previous))
+    return PresenceError(ErrorCode.TRY_AGAIN, "this owner's lease ran out")
 
 
 class InstanceIdInUse(RuntimeError):
@@ -613,6 +655,10 @@ class Presence:
             log.warning("reconcile: removed %d client entries this process no longer held", removed)
         return removed
 
+    async def owner_alive(self, owner: str) -> bool:
+        """True if ``owner`` holds its lease (alive, as far as Redis knows)."""
+        return bool(await self.redis.exists(keys.lease_key(owner)))
+
     async def live_owners(self) -> list[str]:
         """The other registered owners whose lease is held (alive, as far as Redis knows)."""
         owners = sorted(_text(o) for o in await self.redis.smembers(keys.OWNERS_KEY))
@@ -723,16 +769,28 @@ class Presence:
         address: str = "",
         token: str | None = None,
         restore: bool = False,
+        number: int = 0,
+        proof: str | None = None,
     ) -> Connection:
         """Mark ``client_id`` of ``user`` connected (idempotent per session).
 
         ``friends``, if given, replaces the user's declared friend list first. With
         ``restore`` (and the ``token`` of a session this owner held), the session is put
         back only if the client id has no session or that same one in Redis: Superseded
-        is raised if it has a newer one. Raises PresenceError(CLIENT_ID_IN_USE) if the
-        client id is connected for another user, PresenceError(INVALID_NAME) or
-        (TOO_MANY_FRIENDS) for bad arguments, and PresenceError(TRY_AGAIN) if this
-        owner's lease ran out before the write reached Redis (nothing was written).
+        is raised if it has a newer one.
+
+        ``number`` is the client's connect number (0: none): one below the client id's
+        last, or equal to it once that session ended, is a replay and raises
+        PresenceError(STALE) with nothing changed. ``proof`` says whether this connect
+        may replace a live session of the client id: None (the caller vouches, e.g. it
+        verified a login token for ``user``), or the token of the session it replaces
+        ('' for none: then a live session of another token raises
+        PresenceError(CLIENT_ID_IN_USE) with nothing changed).
+
+        Raises PresenceError(CLIENT_ID_IN_USE) if the client id is connected for another
+        user, PresenceError(INVALID_NAME) or (TOO_MANY_FRIENDS) for bad arguments, and
+        PresenceError(TRY_AGAIN) if this owner's lease ran out before the write reached
+        Redis (nothing was written).
         """
         check_name(client_id, "client id")
         check_name(user, "user name")
@@ -742,9 +800,12 @@ class Presence:
             raise ValueError("a session token is 8 to 64 hex digits")
         if restore and token is None:
             raise ValueError("restore needs the token of the session to put back")
+        if not 0 <= number <= MAX_COUNTER:
+            raise ValueError(f"a connect number is 0 to {MAX_COUNTER}")
         token = token or secrets.token_hex(16)
+        admission = _Admission(number, "*" if proof is None else proof)
         async with self._in_order(client_id):
-            return await self._connect(client_id, user, friends, address, token, restore)
+            return await self._connect(client_id, user, friends, address, token, restore, admission)
 
     async def _connect(
         self,
@@ -754,7 +815,16 @@ class Presence:
         address: str,
         token: str,
         restore: bool,
+        admission: _Admission,
     ) -> Connection:
+        if admission.number or admission.proof != "*":
+            # Checked before anything is written (binding, friend list): a replayed or
+            # unproven connect must change nothing. connect.lua checks again, atomically.
+            status, *_ = await self._run_connect(
+                client_id, user, address, token, "check", admission
+            )
+            if status != 1:
+                raise _refusal(status, client_id)
         member = keys.owned_member(user, client_id, token)
         owned = keys.owned_key(self.instance_id)
         # Recorded before the entry exists, so a survivor can reap it if we die after.
@@ -774,24 +844,13 @@ class Presence:
             if friends is not None:
                 await self._change_friends(user, "set", friends, origin=client_id)
             entry_may_exist = True
-            status, went_online, version, previous, pending = await self.scripts.call(
-                self.redis,
-                "connect",
-                keys.user_keys(user),
-                [
-                    client_id,
-                    f"{token}|{self.instance_id}|{address}",
-                    self._now_ms(),
-                    self.fence_ms,
-                    "restore" if restore else "connect",
-                    round(OUTBOX_GRACE * 1000),
-                ],
+            mode = "restore" if restore else "connect"
+            status, went_online, version, previous, pending = await self._run_connect(
+                client_id, user, address, token, mode, admission
             )
             if status != 1:
                 entry_may_exist = False  # refused: the script wrote nothing
-                if status == 2:
-                    raise Superseded(client_id)
-                raise PresenceError(ErrorCode.TRY_AGAIN, "this owner's lease ran out")
+                raise _refusal(status, client_id, previous)
         except BaseException as exc:
             # If the connect script may have run (its answer lost), the member stays so
             # the entry can still be found and removed (reconcile(), reap, restart), and
@@ -845,6 +904,33 @@ class Presence:
         """ARGV of claim.lua (see its header)."""
         return [user, token, self._now_ms(), stale, round(self.stale_binding_after * 1000)]
 
+    async def _run_connect(
+        self,
+        client_id: str,
+        user: str,
+        address: str,
+        token: str,
+        mode: str,
+        admission: _Admission,
+    ) -> list[Any]:
+        """Run connect.lua once (see its header for the answer)."""
+        result: list[Any] = await self.scripts.call(
+            self.redis,
+            "connect",
+            [*keys.user_keys(user), keys.connect_number_key(user, client_id)],
+            [
+                client_id,
+                f"{token}|{self.instance_id}|{address}",
+                self._now_ms(),
+                self.fence_ms,
+                mode,
+                round(OUTBOX_GRACE * 1000),
+                admission.number,
+                admission.proof,
+            ],
+        )
+        return result
+
     async def _claim_once(self, client_id: str, user: str, token: str, stale: str = "") -> str:
         """Run claim.lua once; '' if the client id is now bound to us, else the holder."""
         key = keys.client_key(client_id)
@@ -897,7 +983,7 @@ class Presence:
             removed, went_offline, _, entry, pending = await self.scripts.call(
                 self.redis,
                 "disconnect",
-                keys.user_keys(user),
+                [*keys.user_keys(user), keys.connect_number_key(user, client_id)],
                 [client_id, token or "", self._now_ms(), round(OUTBOX_GRACE * 1000)],
             )
         except (RedisError, OSError):

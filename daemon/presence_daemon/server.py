@@ -80,12 +80,14 @@ from presence_client.protocol import (
     split_friend_states,
 )
 from presence_daemon import keys
+from presence_daemon.auth import AuthError, Verifier
 from presence_daemon.config import Config
 from presence_daemon.presence import (
     Delivery,
     Presence,
     PresenceError,
     Replaced,
+    SessionInUse,
     Superseded,
     parse_inbox,
     stop_tasks,
@@ -156,8 +158,11 @@ class Server:
         *,
         send: Callable[[bytes, Address], None] | None = None,
         clock: Clock = time.monotonic,
+        verifier: Verifier | None = None,
     ) -> None:
         self.config = config
+        self.verifier = verifier
+        """Checks login tokens; None without auth (any CONNECT speaks for its user)."""
         self.presence = presence
         self.instance_id = presence.instance_id
         presence.deliver = self.deliver
@@ -306,6 +311,8 @@ class Server:
                 # it before it costs Redis anything (or lets a spoofed source log in).
                 self.counters["rejected_connect_too_small"] += 1
             elif type(msg) is Connect:
+                if not self._authenticate(msg, addr, len(data)):
+                    return
                 self._enqueue(
                     msg.client_id,
                     lambda: self._on_connect(msg, addr, len(data)),
@@ -320,6 +327,26 @@ class Server:
         except Exception:
             self.counters["internal_errors"] += 1
             log.exception("failed to handle a %s", type(msg).__name__)
+
+    def _authenticate(self, msg: Connect, addr: Address, size: int) -> bool:
+        """With auth, let a CONNECT in only with a valid login token for its user (and
+        client id); else refuse it UNAUTHORIZED before it costs Redis anything."""
+        if self.verifier is None:
+            return True
+        try:
+            self.verifier.verify(msg.auth, msg.user, msg.client_id)
+        except AuthError as exc:
+            self.counters[f"rejected_unauthorized_{exc.reason}"] += 1
+            self._reply(Error(msg.request, ErrorCode.UNAUTHORIZED), addr, limit=size)
+            return False
+        return True
+
+    def _proof(self, msg: Connect) -> str | None:
+        """What lets this CONNECT replace a live session of its client id: a verified
+        login token (None: the daemon vouches), or the previous session's token."""
+        if self.verifier is not None:
+            return None
+        return msg.previous.hex() if msg.previous is not None else ""
 
     def _reply(self, msg: Message, addr: Address, *, limit: int | None = None) -> bool:
         """Send ``msg``; with ``limit`` (an unverified address) only if it is no larger."""
@@ -423,6 +450,10 @@ class Server:
             log.error("Redis operation failed: %s (repeats are counted, not logged)", exc)
 
     async def _on_connect(self, msg: Connect, addr: Address, size: int) -> None:
+        friends = msg.friends
+        if friends is not None and self.config.friend_lists == "app":
+            friends = None  # the application sets friend lists, not clients
+            self.counters["connect_friends_ignored"] += 1
         existing = self.by_client.get(msg.client_id)
         if existing is not None and existing.user != msg.user:
             self.counters["rejected_client_id_in_use"] += 1
@@ -436,10 +467,11 @@ class Server:
                 await self.presence.connected(
                     msg.client_id,
                     msg.user,
-                    friends=msg.friends,
+                    friends=friends,
                     address=f"{addr[0]}:{addr[1]}",
                     token=existing.token_hex,
                     restore=True,
+                    number=msg.counter,
                 )
             except Superseded:
                 self._drop(existing)  # a newer session elsewhere: this request starts anew
@@ -462,13 +494,7 @@ class Server:
         # finds it (it is numbered; the client repairs what it missed by snapshot).
         self._hold(session)
         try:
-            await self.presence.connected(
-                msg.client_id,
-                msg.user,
-                friends=msg.friends,
-                address=f"{addr[0]}:{addr[1]}",
-                token=session.token_hex,
-            )
+            await self._connect_new(msg, session, friends, addr)
         except (PresenceError, RedisError, OSError) as exc:
             self._drop(session)
             if existing is not None and existing.token in self.by_token:
@@ -482,6 +508,36 @@ class Server:
             self.counters["sessions_replaced"] += 1
         self.counters["connects"] += 1
         await self._send_connect_ok(msg, session, addr, size)
+
+    async def _connect_new(
+        self, msg: Connect, session: Session, friends: tuple[str, ...] | None, addr: Address
+    ) -> None:
+        """Put a new session into Redis. Without a proof (login token, previous session
+        token) it may replace the client id's session there only if that one is dead:
+        its owner's lease is gone, or this daemon holds it and it timed out."""
+        proof = self._proof(msg)
+        for attempt in range(2):
+            try:
+                await self.presence.connected(
+                    msg.client_id,
+                    msg.user,
+                    friends=friends,
+                    address=f"{addr[0]}:{addr[1]}",
+                    token=session.token_hex,
+                    number=msg.counter,
+                    proof=proof,
+                )
+                return
+            except SessionInUse as exc:
+                if attempt or not await self._session_dead(exc.owner, msg.client_id):
+                    raise
+                proof = None
+
+    async def _session_dead(self, owner: str, client_id: str) -> bool:
+        if owner == self.instance_id:
+            held = self.by_client.get(client_id)
+            return held is None or self.clock() - held.last_seen > self.config.timeout
+        return not await self.presence.owner_alive(owner)
 
     def _refuse(self, exc: Exception, request: int, addr: Address, size: int | None) -> None:
         if isinstance(exc, PresenceError):
@@ -558,6 +614,10 @@ class Server:
         self.counters[f"removed_{reason}"] += 1
 
     async def _on_friends(self, msg: Friends, session: Session) -> None:
+        if self.config.friend_lists == "app":
+            self.counters["rejected_forbidden"] += 1
+            self._reply(Error(msg.request, ErrorCode.FORBIDDEN), session.address)
+            return
         if msg.op is not FriendsOp.SET or msg.parts == 1:
             names: tuple[str, ...] = msg.names
         else:

@@ -6,20 +6,31 @@
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
 -- KEYS[5]  presence:{user}:pending   string "online|version|decided_ms": a decided
 --                                    transition whose telling is not confirmed (the outbox)
+-- KEYS[6]  presence:{user}:n:<client id>  string, the client id's last connect number
+--          (needed only with a connect number)
 -- ARGV[1]  client id
 -- ARGV[2]  entry, "token|owner|address" (token first: disconnect guards on it)
 -- ARGV[3]  now, in milliseconds (versions never fall below it, so they survive a Redis
 --          that restarted empty)
 -- ARGV[4]  fence: the moment, in milliseconds on this server's clock, at which the
 --          caller's lease runs out, or '0' for a caller without a lease
--- ARGV[5]  'connect' (replace whatever entry the client id has) or 'restore' (put the
---          entry back only if the client id has no entry or one with the same token)
+-- ARGV[5]  'connect' (replace the entry the client id has, given proof), 'restore' (put
+--          the entry back only if the client id has no entry or one with the same
+--          token) or 'check' (make the checks below and write nothing)
 -- ARGV[6]  grace, in milliseconds: an unconfirmed transition younger than this is left
 --          to the call that decided it (it is most likely telling it right now)
+-- ARGV[7]  (optional, default '0') the CONNECT's number, or '0' for none: a number below the client id's last
+--          one, or equal to it while the client id has no entry (that session ended), is
+--          a replay; the number is kept a day past the last connect or disconnect
+-- ARGV[8]  (optional, default '*') proof that a 'connect' may replace the client id's entry: '*' (the caller
+--          vouches: a verified login token for the user, or a library call), or the
+--          token of the session it replaces ('' for none)
 --
 -- Returns {status, went_online, version, previous, pending}
---   status       1 applied; 0 fenced: the lease ran out before this ran (nothing
---                changed); 2 superseded: 'restore' found another session (nothing changed)
+--   status       1 applied (or, for 'check', would be); 0 fenced: the lease ran out
+--                before this ran; 2 superseded: 'restore' found another session; 3 stale:
+--                a replayed connect number; 4 in use: the client id has an entry of
+--                another session and there is no proof (nothing changed but for 1)
 --   went_online  1 if this call made the user go from no clients to one, else 0
 --   version      the user's state version after the call
 --   previous     the entry this call replaced (same client id, older session), or ''
@@ -39,11 +50,30 @@ if ARGV[4] ~= '0' then
   end
 end
 local previous = redis.call('HGET', KEYS[1], ARGV[1]) or ''
-if ARGV[5] == 'restore' and previous ~= '' then
-  local token = string.match(ARGV[2], '^[^|]*')
-  if string.sub(previous, 1, #token + 1) ~= token .. '|' then
-    return {2, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
+local token = string.match(ARGV[2], '^[^|]*')
+local old = string.match(previous, '^[^|]*')
+local number = tonumber(ARGV[7] or '0')
+local proof = ARGV[8] or '*'
+if number > 0 then
+  local last = tonumber(redis.call('GET', KEYS[6]) or '0')
+  if number < last or (number == last and previous == '') then
+    return {3, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
   end
+  -- The same number while the entry lives: this connect again (its answer was lost).
+  if number == last then proof = '*' end
+end
+if ARGV[5] == 'restore' and previous ~= '' and old ~= token then
+  return {2, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
+end
+if ARGV[5] ~= 'restore' and previous ~= '' and old ~= token and proof ~= '*'
+    and proof ~= old then
+  return {4, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
+end
+if ARGV[5] == 'check' then
+  return {1, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
+end
+if number > 0 then
+  redis.call('SET', KEYS[6], ARGV[7], 'PX', 86400000)
 end
 local before = redis.call('HLEN', KEYS[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])

@@ -5,6 +5,8 @@
 -- KEYS[3]  presence:{user}:friends   set, whom the user declared
 -- KEYS[4]  presence:{user}:fans      set, who declared the user
 -- KEYS[5]  presence:{user}:pending   the outbox, "online|version|decided_ms" (see connect.lua)
+-- KEYS[6]  (optional) presence:{user}:n:<client id>  the client id's last connect number (see
+--          connect.lua): kept a day past this disconnect, so a replay stays refused
 -- ARGV[1]  client id
 -- ARGV[2]  session token the caller believes is current, or '' to remove whatever is there
 -- ARGV[3]  now, in milliseconds (versions never fall below it)
@@ -25,6 +27,7 @@ local removed, went_offline, decided = 0, 0, 0
 if entry and (guard == '' or string.sub(entry, 1, #guard + 1) == guard .. '|') then
   removed = 1
   redis.call('HDEL', KEYS[1], ARGV[1])
+  if KEYS[6] then redis.call('PEXPIRE', KEYS[6], 86400000) end
   if redis.call('HLEN', KEYS[1]) == 0 then
     went_offline, decided = 1, 1
     local version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
