@@ -74,6 +74,7 @@ from faults import (  # noqa: F401
 from helpers import wait_for
 from presence_client.protocol import (
     ErrorCode,
+    Friends,
     FriendsOk,
     Pong,
     ProtocolError,
@@ -705,3 +706,48 @@ async def test_snapshot_overtaken_by_own_change_is_asked_again(
     await eventually(
         view_right, CONVERGE_BOUND, "ann-2 no longer lists ben", lambda: counters([relay])
     )
+
+
+def drops_friends_up_and_pong_down(data: bytes, direction: Direction) -> bool:
+    with contextlib.suppress(ProtocolError):
+        msg = decode(data)
+        return isinstance(msg, Friends) if direction == "up" else isinstance(msg, Pong)
+    return False
+
+
+async def test_friend_change_lost_during_a_reconnect_leaves_no_phantom_name(
+    private_daemons: DaemonFactory,
+    fault_kit: FaultKit,
+    pool: Pool,
+    store: redis.asyncio.Redis,
+) -> None:
+    """A terminal keeping the stored list adds a friend; every FRIENDS is lost on the
+    way up and every PONG on the way down, so the SDK reconnects while the add is still
+    being retried, and the add ends without an answer. The reconnect's CONNECT_OK came
+    while the name was in flight (so it was kept); the add never happened, so once the
+    network is back the view must drop the name within CONVERGE_BOUND."""
+    daemon = private_daemons("d1", flags=DAEMON_FLAGS)
+    relay = fault_kit.relay(daemon.address, seed=13)
+    pool.relays = [relay]
+    first = pool.add("ann", "ann-1", ["ben"], daemon.address)
+    second = pool.add("ann", "ann-2", None, relay.address)
+    await first.client.connect()
+    await second.client.connect()
+    for t in (first, second):
+        t.should_be_connected = True
+
+    relay.set_faults(drop_if=drops_friends_up_and_pong_down)
+    with pytest.raises(PresenceClientError) as caught:
+        await second.client.add_friends(["zed"])
+    await wait_for(lambda: second.client.connected, 5.0, what="ann-2 reconnected")
+    relay.clear()
+    assert (caught.value.code in (None, ErrorCode.UNKNOWN_SESSION), second.reconnects >= 1) == (
+        True,
+        True,
+    ), f"outcome {caught.value.code}, reconnects {second.reconnects}"
+    assert (await read_truth(store)).lists["ann"] == {"ben"}, "the add never arrived"
+
+    async def view_right() -> list[str]:
+        return view_mismatches(await read_truth(store), [second])
+
+    await eventually(view_right, CONVERGE_BOUND, "ann-2 does not show zed", lambda: "")

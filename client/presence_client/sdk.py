@@ -434,7 +434,11 @@ class PresenceClient:
             if exc.code in (None, ErrorCode.UNKNOWN_SESSION):
                 # No answer, or the session ended meanwhile (we reconnected): the daemon
                 # may have applied it. Keep the names; the next complete list the
-                # daemon sends (CONNECT_OK, snapshot) says which are really declared.
+                # daemon sends says which are really declared: ask for one now (one
+                # that arrived while the change was in flight kept them regardless),
+                # or, while reconnecting, the CONNECT_OK to come is one.
+                if self.session is not None:
+                    asyncio.get_running_loop().call_soon(self._schedule_repair)
                 raise
             for name in added:
                 self.versions.pop(name, None)
@@ -510,8 +514,8 @@ class PresenceClient:
         # One number for every CONNECT of this call, whichever server it reaches: a
         # CONNECT applied whose answer was lost, then sent to the next server, is the
         # same connect again there (not one that needs proof to replace the first).
-        self._connect_number = max(self._connect_number + 1, time.time_ns() // 1_000_000)
-        number = self._connect_number
+        number = self._next_connect_number()
+        renumbered = False
         previous = self._previous_session
         last_error: PresenceClientError | None = None
         remaining = attempts
@@ -523,13 +527,13 @@ class PresenceClient:
             remaining -= tries
             try:
                 reply = await self._request(
-                    lambda r: Connect(
+                    lambda r, n=number: Connect(  # type: ignore[misc]
                         r,
                         self.client_id,
                         self.user,
                         friends_in_connect,
                         auth=auth,
-                        counter=number,
+                        counter=n,
                         previous=previous,
                     ),
                     (ConnectOk,),
@@ -537,6 +541,13 @@ class PresenceClient:
                     pad=True,
                 )
             except PresenceClientError as exc:
+                if exc.code is ErrorCode.STALE and not renumbered:
+                    # This number's session ended (the daemon timed it out, or it was
+                    # reaped) before a retry of its CONNECT arrived: a new connect.
+                    renumbered = True
+                    number = self._next_connect_number()
+                    remaining += tries
+                    continue
                 if exc.code is not None:
                     self._close_transport()
                     raise
@@ -551,6 +562,12 @@ class PresenceClient:
             return
         self._close_transport()
         raise last_error or PresenceClientError("no server answered")
+
+    def _next_connect_number(self) -> int:
+        """Above every number this client id sent before, even from an earlier process
+        (milliseconds of the wall clock, unless ours ran ahead)."""
+        self._connect_number = max(self._connect_number + 1, time.time_ns() // 1_000_000)
+        return self._connect_number
 
     async def _login_token(self) -> bytes | None:
         """The token to send with the next CONNECT (calling the token function)."""
