@@ -153,10 +153,16 @@ class SessionInUse(PresenceError):
 
     @property
     def owner(self) -> str:
+        """The owner holding that session ('' if the entry cannot be read)."""
         return self.entry.split("|", 2)[1] if self.entry.count("|") >= 2 else ""
 
+    @property
+    def token(self) -> str:
+        """That session's token (hex)."""
+        return self.entry.split("|", 1)[0]
 
-def _refusal(status: int, client_id: str, previous: Any = "") -> PresenceError:
+
+def _refusal(status: int, client_id: str, previous: Any) -> PresenceError:
     """The error for a connect.lua status other than 1 (nothing was written)."""
     if status == 2:
         return Superseded(client_id)
@@ -820,11 +826,11 @@ class Presence:
         if admission.number or admission.proof != "*":
             # Checked before anything is written (binding, friend list): a replayed or
             # unproven connect must change nothing. connect.lua checks again, atomically.
-            status, *_ = await self._run_connect(
+            status, _, _, previous, _ = await self._run_connect(
                 client_id, user, address, token, "check", admission
             )
             if status != 1:
-                raise _refusal(status, client_id)
+                raise _refusal(status, client_id, previous)
         member = keys.owned_member(user, client_id, token)
         owned = keys.owned_key(self.instance_id)
         # Recorded before the entry exists, so a survivor can reap it if we die after.

@@ -529,15 +529,22 @@ class Server:
                 )
                 return
             except SessionInUse as exc:
-                if attempt or not await self._session_dead(exc.owner, msg.client_id):
+                if attempt or not await self._session_dead(exc):
                     raise
                 proof = None
 
-    async def _session_dead(self, owner: str, client_id: str) -> bool:
-        if owner == self.instance_id:
-            held = self.by_client.get(client_id)
+    async def _session_dead(self, in_use: SessionInUse) -> bool:
+        """True if the session in the way has ended in all but Redis: held by a dead
+        owner, or by us but timed out (or unknown to us: left by an earlier process)."""
+        if not in_use.owner:
+            return False  # (not an entry we can read: assume it lives)
+        if in_use.owner == self.instance_id:
+            try:
+                held = self.by_token.get(bytes.fromhex(in_use.token))
+            except ValueError:
+                return False
             return held is None or self.clock() - held.last_seen > self.config.timeout
-        return not await self.presence.owner_alive(owner)
+        return not await self.presence.owner_alive(in_use.owner)
 
     def _refuse(self, exc: Exception, request: int, addr: Address, size: int | None) -> None:
         if isinstance(exc, PresenceError):
