@@ -453,10 +453,21 @@ class RawPeer:
         *,
         pad: bool = True,
         timeout: float = 2.0,
+        auth: str | None = None,
+        previous: bytes | None = None,
     ) -> ConnectOk:
-        """CONNECT (padded to MAX_DATAGRAM unless ``pad`` is False); wait for CONNECT_OK."""
+        """CONNECT (padded to MAX_DATAGRAM unless ``pad`` is False); wait for CONNECT_OK.
+        ``auth``: a login token, for a daemon with auth; ``previous``: the session of the
+        client id this one replaces (its proof, without auth)."""
         request = self.next_request()
-        msg = Connect(request, client_id, user, None if friends is None else tuple(friends))
+        msg = Connect(
+            request,
+            client_id,
+            user,
+            None if friends is None else tuple(friends),
+            auth=None if auth is None else auth.encode(),
+            previous=previous,
+        )
         self.send(msg, pad_to=MAX_DATAGRAM if pad else None)
         reply, _ = await self.recv_until(ConnectOk, timeout, request=request)
         self.session = reply.session

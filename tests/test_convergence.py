@@ -298,10 +298,14 @@ class MultiPeer:
                 return msg
         return None
 
-    async def connect(self, daemon: Address, user: str, client_id: str) -> ConnectOk:
+    async def connect(
+        self, daemon: Address, user: str, client_id: str, previous: bytes | None = None
+    ) -> ConnectOk:
+        """CONNECT; ``previous``: the session it replaces (the proof a client sends)."""
         self._request += 1
         self.drain(daemon)
-        self.send(Connect(self._request, client_id, user), daemon, pad_to=MAX_DATAGRAM)
+        msg = Connect(self._request, client_id, user, previous=previous)
+        self.send(msg, daemon, pad_to=MAX_DATAGRAM)
         reply = await self.recv_until(daemon, (ConnectOk,), 2.0)
         if reply is None:
             pytest.fail(f"no CONNECT_OK from {daemon} for {user}/{client_id}")
@@ -520,11 +524,11 @@ async def test_session_replaced_through_another_daemon_leaves_no_zombie(
     try:
         first = (await peer.connect(one.address, "u", "X")).session
         assert await peer.ping(one.address, first) == "PONG"
-        second = (await peer.connect(two.address, "u", "X")).session
+        second = (await peer.connect(two.address, "u", "X", previous=first)).session
         assert await peer.ping(two.address, second) == "PONG"
         entry = await truth.entry("u", "X")
         assert entry is not None and (entry.owner, entry.token) == ("D2", second.hex())
-        third = (await peer.connect(one.address, "u", "X")).session
+        third = (await peer.connect(one.address, "u", "X", previous=second)).session
         tokens = {one.address: third, two.address: second}
 
         last: dict[str, object] = {}

@@ -12,11 +12,13 @@ import asyncio
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from authkit import auth_flags, issue, write_secret
 from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_factory_fixture  # noqa: F401
 from helpers import Watched, wait_for
 from presence_client.protocol import (
@@ -58,6 +60,7 @@ class Clients:
         client_id: str | None = None,
         auto_reconnect: bool = True,
         failover: Iterable[DaemonProcess] = (),
+        token: str | None = None,
     ) -> Watched:
         client = PresenceClient(
             user,
@@ -66,6 +69,7 @@ class Clients:
             client_id=client_id or f"{user}-{len(self.all)}",
             request_timeout=REQUEST_TIMEOUT,
             auto_reconnect=auto_reconnect,
+            token=token,
         )
         self.all.append(client)
         return Watched(client)
@@ -79,6 +83,7 @@ class Clients:
         client_id: str | None = None,
         auto_reconnect: bool = True,
         failover: Iterable[DaemonProcess] = (),
+        token: str | None = None,
     ) -> Watched:
         watched = self.create(
             user,
@@ -87,6 +92,7 @@ class Clients:
             client_id=client_id,
             auto_reconnect=auto_reconnect,
             failover=failover,
+            token=token,
         )
         await watched.client.connect()
         return watched
@@ -279,21 +285,24 @@ async def test_reconnect_with_same_client_id_after_disconnect_and_after_timeout(
 
 
 async def test_restarted_client_replaces_its_session_without_a_flap(
-    daemon_factory: DaemonFactory, clients: Clients, presence: Presence
+    daemon_factory: DaemonFactory, clients: Clients, presence: Presence, tmp_path: Path
 ) -> None:
-    daemon = daemon_factory()
-    alice = await clients.connect("alice", ["bob"], daemon)
+    """With auth, a client that restarts (new port, same client id, its old session
+    token lost) proves who it is with its login token and replaces its session at once.
+    (Without auth it must wait for the old session's timeout: tests/test_auth.py.)"""
+    daemon = daemon_factory(flags=auth_flags(write_secret(tmp_path)))
+    alice = await clients.connect("alice", ["bob"], daemon, token=issue("alice"))
     old = await RawPeer.open(daemon.address)
     witness = await RawPeer.open(daemon.address)
     try:
-        await old.connect("bob", "bob-1", ["alice"])
+        await old.connect("bob", "bob-1", ["alice"], auth=issue("bob"))
         await old.ping()
         await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
 
         # The client restarts on a new port with the same client id and goes on pinging;
         # the old address falls silent. A witness goes silent at the same moment.
-        bob = await clients.connect("bob", ["alice"], daemon, client_id="bob-1")
-        await witness.connect("wendy", "wendy-1")
+        bob = await clients.connect("bob", ["alice"], daemon, client_id="bob-1", token=issue("bob"))
+        await witness.connect("wendy", "wendy-1", auth=issue("wendy"))
         await witness.ping()
         await wait_for(
             lambda: offline(presence, "wendy"), TIMEOUT_WAIT, what="the silent witness times out"
@@ -735,7 +744,7 @@ async def test_disconnect_during_reconnect_leaves_nothing_behind(
         await client.connect()
         # Another address takes over the client id (a restarted client) and leaves.
         async with await RawPeer.open(daemon.address) as kicker:
-            await kicker.connect("alice", "c1")
+            await kicker.connect("alice", "c1", previous=client.session)
             await kicker.disconnect()
         # Hold every Redis write (the daemon's scripts) so that whichever server the
         # reconnect tries, it cannot finish while we call disconnect().
