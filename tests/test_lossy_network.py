@@ -73,6 +73,7 @@ from faults import (  # noqa: F401
 )
 from helpers import wait_for
 from presence_client.protocol import (
+    ConnectOk,
     ErrorCode,
     Friends,
     FriendsOk,
@@ -751,3 +752,34 @@ async def test_friend_change_lost_during_a_reconnect_leaves_no_phantom_name(
         return view_mismatches(await read_truth(store), [second])
 
     await eventually(view_right, CONVERGE_BOUND, "ann-2 does not show zed", lambda: "")
+
+
+async def test_reconnect_whose_answers_were_lost_is_not_refused_as_in_use(
+    private_daemons: DaemonFactory, fault_kit: FaultKit, pool: Pool
+) -> None:
+    """The SDK reconnects and the daemon applies its CONNECT, but every CONNECT_OK is
+    lost: Redis now holds a session the client never learned. The next CONNECTs (a new
+    socket, so another address) cannot prove they may replace it with the old session's
+    token; they carry the same connect number, which is that proof. So once answers get
+    through, the client connects at once, not after that session's 10 s timeout."""
+    daemon = private_daemons("d1", flags={**DAEMON_FLAGS, "--timeout": "10"})
+    relay = fault_kit.relay(daemon.address, seed=17)
+    pool.relays = [relay]
+    term = pool.add("ann", "ann-1", ["ben"], relay.address)
+    await term.client.connect()
+    term.should_be_connected = True
+    connects_applied = 0
+
+    def drops_answers(data: bytes, direction: Direction) -> bool:
+        nonlocal connects_applied
+        with contextlib.suppress(ProtocolError):
+            msg = decode(data)
+            if isinstance(msg, ConnectOk):
+                connects_applied += 1
+            return isinstance(msg, ConnectOk | Pong)
+        return False
+
+    relay.set_faults(drop_if=drops_answers, directions=["down"])
+    await wait_for(lambda: connects_applied >= 3, 10.0, what="CONNECTs applied, answers lost")
+    relay.clear()
+    await wait_for(lambda: term.client.connected, 5.0, what="ann-1 connected again")

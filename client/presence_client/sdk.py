@@ -205,6 +205,9 @@ class PresenceClient:
         self._previous_session: bytes | None = None
         """The last session we held: sent with a reconnect as proof that we may replace it."""
         self._connect_number = 0
+        self._number_answered = True
+        """Whether a CONNECT_OK came for ``_connect_number`` (then the next connect
+        takes a new number; until then every CONNECT repeats it, see _connect_once)."""
         self.ping_interval = 5.0
         self.timeout = 15.0
         self.friends: dict[str, bool] = {name: False for name in self.declared or ()}
@@ -511,10 +514,13 @@ class PresenceClient:
         else:
             friends_in_connect = friends
         auth = await self._login_token()
-        # One number for every CONNECT of this call, whichever server it reaches: a
-        # CONNECT applied whose answer was lost, then sent to the next server, is the
-        # same connect again there (not one that needs proof to replace the first).
-        number = self._next_connect_number()
+        # One number until a CONNECT_OK comes, whichever server and however many calls
+        # it takes: a CONNECT that was applied but whose answer was lost left a session
+        # we never learned the token of; a later CONNECT with the same number is that
+        # same connect again, so it may replace it (with a new number it would need a
+        # proof we do not have, and wait for that session's timeout).
+        number = self._next_connect_number() if self._number_answered else self._connect_number
+        self._number_answered = False
         renumbered = False
         previous = self._previous_session
         last_error: PresenceClientError | None = None
@@ -593,6 +599,7 @@ class PresenceClient:
     ) -> None:
         self.session = reply.session
         self._previous_session = reply.session
+        self._number_answered = True
         self.ping_interval = max(reply.ping_interval_ms / 1000, MIN_PING_INTERVAL)
         self.timeout = reply.timeout_ms / 1000
         self.last_seq = reply.seq
