@@ -9,6 +9,8 @@ over real UDP, reading Redis for what changed.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,8 +31,15 @@ from authkit import (
     rsa_key,
     write_secret,
 )
-from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_factory_fixture  # noqa: F401
+from daemons import (  # noqa: F401
+    DaemonFactory,
+    DaemonProcess,
+    RawPeer,
+    daemon_env,
+    daemon_factory_fixture,
+)
 from helpers import wait_for
+from presence_client import terminal
 from presence_client.protocol import (
     MAX_DATAGRAM,
     Connect,
@@ -483,3 +492,66 @@ async def test_disconnect_of_unknown_session_still_acknowledged(auth_daemon: Dae
         peer.send(Disconnect(request, b"\0" * 16))
         reply, _ = await peer.recv_until(DisconnectOk, request=request)
         assert reply.request == request
+
+
+# ---------------------------------------------------------------------------
+# Command lines.
+
+
+def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "presence_daemon", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=20,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--host", "0.0.0.0"], "--host: '0.0.0.0' is not a loopback address"),
+        (["--auth-hs256-secret-file", "/nonexistent/secret"], "--auth-hs256-secret-file: cannot"),
+    ],
+    ids=["public-without-auth", "missing-secret"],
+)
+def test_daemon_refuses_to_start_insecurely_in_one_line(args: list[str], needle: str) -> None:
+    result = run_daemon("--port", "0", "--redis-url", "redis://127.0.0.1:1/0", *args)
+    lines = result.stderr.strip().splitlines()
+    assert (result.returncode, len(lines)) == (2, 1), result.stderr
+    assert needle in lines[0] and "listening" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "extra", "line"),
+    [
+        ({}, [], "auth: none; serving loopback only"),
+        ({"--host": "0.0.0.0"}, ["--insecure-no-auth"], "auth: NONE (--insecure-no-auth)"),
+    ],
+    ids=["loopback", "insecure"],
+)
+async def test_daemon_says_in_one_line_who_may_connect(
+    daemon_factory: DaemonFactory, flags: dict[str, str | None], extra: list[str], line: str
+) -> None:
+    daemon = daemon_factory("d1", flags=flags, extra_args=extra)
+
+    def said() -> bool:
+        return sum(line in text for text in daemon.stderr().splitlines()) == 1
+
+    await wait_for(said, what="the auth line in the daemon's log")
+
+
+def test_terminal_takes_the_token_from_flag_env_or_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PRESENCE_TOKEN", "from-env")
+    assert terminal.parse_args(["--user", "ann"]).token == "from-env"
+    assert terminal.parse_args(["--user", "ann", "--token", "from-flag"]).token == "from-flag"
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    source = terminal._token_source(terminal.parse_args(["--token-file", str(path)]))
+    assert callable(source) and source() == "first"
+    path.write_text("renewed\n")
+    assert source() == "renewed", "read again before every connect"
