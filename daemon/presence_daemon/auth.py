@@ -26,6 +26,7 @@ fresh one (the SDK takes a function that returns one).
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import time
@@ -214,7 +215,7 @@ def from_config(config: Config) -> Verifier | None:
     """
     keys: list[_Key] = []
     if config.auth_hs256_secret_file:
-        keys.append(_Key(_read_secret(config.auth_hs256_secret_file), "HS256"))
+        keys.append(_hs256_key(_read_secret(config.auth_hs256_secret_file)))
     if config.auth_public_key_file:
         keys.extend(_read_public_keys(config.auth_public_key_file))
     if not keys:
@@ -224,6 +225,12 @@ def from_config(config: Config) -> Verifier | None:
         audience=config.auth_audience or None,
         issuer=config.auth_issuer or None,
     )
+
+
+def _hs256_key(secret: bytes) -> _Key:
+    """The secret as a prepared JWK (PyJWT then skips re-checking it on every call)."""
+    k = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+    return _Key(jwt.PyJWK({"kty": "oct", "k": k}, "HS256"), "HS256")
 
 
 def _read(path: str, flag: str) -> bytes:
