@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from presence_client.sdk import Event, FriendEvent, PresenceClient, StatusEvent
 
@@ -30,6 +32,17 @@ async def wait_for(
             name = what or getattr(predicate, "__name__", repr(predicate))
             raise AssertionError(f"condition not met within {timeout} s: {name}")
         await asyncio.sleep(interval)
+
+
+DAEMON_BOOKKEEPING_RE: Final = re.compile(
+    r"presence:owners|presence:owner:\{[^}]*\}:(lease|marker)"
+)
+"""Keys a live daemon rewrites on its own, whatever datagrams arrive: its lease, its
+marker and the set of owners. Everything else in Redis is state datagrams may change."""
+
+
+def is_daemon_bookkeeping(key: str) -> bool:
+    return DAEMON_BOOKKEEPING_RE.fullmatch(key) is not None
 
 
 def hash_tag(key: str) -> str:

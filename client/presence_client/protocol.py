@@ -26,7 +26,7 @@ import enum
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 import msgpack
 
@@ -41,7 +41,7 @@ MIN_CONNECT_SIZE: Final = 128
 no larger than it (see MAX_DATAGRAM and address verification). Clients pad CONNECT."""
 
 MAX_NAME_CHARS: Final = 64
-"""Longest user name, client id or friend name, in characters."""
+"""Longest user name, client id or friend name, in code points."""
 
 SESSION_BYTES: Final = 16
 """Length of a session token (128 bits from a CSPRNG)."""
@@ -55,6 +55,11 @@ MAX_REQUEST_ID: Final = 2**32 - 1
 
 MAX_COUNTER: Final = 2**63 - 1
 """Connect numbers (CONNECT ``n``) are unsigned integers below 2**63."""
+
+MAX_NESTING: Final = 3
+"""Deepest nesting of maps and arrays in a datagram, the outer map counting as 1: the
+deepest value the protocol uses is a friend state, map -> array -> [name, online,
+version]. Anything deeper is MALFORMED, refused before any field is looked at."""
 
 _NAME_RE: Final = re.compile(rf"[\w.@+-]{{1,{MAX_NAME_CHARS}}}")
 
@@ -75,6 +80,23 @@ class MessageType(enum.IntEnum):
     NOTIFY = 11
     ERROR = 12
     GO_AWAY = 13
+
+
+CLIENT_TO_DAEMON: Final = frozenset(
+    {
+        MessageType.CONNECT,
+        MessageType.PING,
+        MessageType.DISCONNECT,
+        MessageType.FRIENDS,
+        MessageType.SNAPSHOT_REQUEST,
+    }
+)
+"""The message types a daemon accepts. Any other known type arriving at a daemon is
+dropped unanswered: answering could make two spoofed daemons bounce errors at each
+other."""
+
+DAEMON_TO_CLIENT: Final = frozenset(set(MessageType) - CLIENT_TO_DAEMON)
+"""The message types only a daemon sends."""
 
 
 class ErrorCode(enum.IntEnum):
@@ -140,7 +162,8 @@ class ProtocolError(Exception):
     """Raised by :func:`decode` (and by validators) for input that breaks the protocol.
 
     ``request`` is the datagram's request id when it could be read (so an ERROR reply
-    can echo it), else 0.
+    can echo it), else 0. ``kind`` is the datagram's message type when it is a known
+    one (a daemon drops, unanswered, anything of a type only daemons send), else None.
     """
 
     def __init__(self, code: ErrorCode, message: str, request: int = 0) -> None:
@@ -148,6 +171,7 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.request = request
+        self.kind: MessageType | None = None
 
 
 def is_valid_name(name: object) -> bool:
@@ -161,10 +185,16 @@ def is_valid_name(name: object) -> bool:
 
 
 def check_name(name: object, what: str) -> str:
-    """Return ``name`` if valid, else raise ProtocolError(INVALID_NAME) naming ``what``."""
+    """Return ``name`` if valid. A name that is not a string at all raises
+    ProtocolError(INVALID_FIELD); a string that breaks the name rules raises
+    ProtocolError(INVALID_NAME). Either names ``what``."""
+    if type(name) is not str:
+        # Never repr() the value: it may be a nested structure from the wire.
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD, f"{what} must be a string, not {type(name).__name__}"
+        )
     if not is_valid_name(name):
         raise ProtocolError(ErrorCode.INVALID_NAME, f"invalid {what}: {name!r}")
-    assert isinstance(name, str)
     return name
 
 
@@ -397,7 +427,11 @@ def _uint(m: dict[Any, Any], key: str, maximum: int = 2**63 - 1) -> int:
 
 
 def _request(m: dict[Any, Any]) -> int:
-    return _uint(m, "r", MAX_REQUEST_ID)
+    # 0 is reserved: an ERROR carries r = 0 when the request id could not be read.
+    request = _uint(m, "r", MAX_REQUEST_ID)
+    if request == 0:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "key 'r' must be 1 to 2**32-1 (0 is reserved)")
+    return request
 
 
 def _bool(m: dict[Any, Any], key: str) -> bool:
@@ -551,11 +585,33 @@ _DECODERS: Final[dict[int, Callable[[dict[Any, Any]], AnyMessage]]] = {
 }
 
 
+def _too_deep(m: dict[Any, Any]) -> bool:
+    """True if a map or array nests more than MAX_NESTING levels deep in ``m``.
+
+    Iterative (no recursion), and it stops at the first level too many: its cost is
+    bounded by the datagram's size, whatever the nesting. Map keys need no look: a key
+    that is an array or map is unhashable, so msgpack already refused it.
+    """
+    level = [value for value in m.values() if type(value) is list or type(value) is dict]
+    for _ in range(MAX_NESTING - 1):
+        if not level:
+            return False
+        below: list[Any] = []
+        for container in level:
+            for value in container.values() if type(container) is dict else container:
+                if type(value) is list or type(value) is dict:
+                    below.append(value)
+        level = below
+    return bool(level)
+
+
 def decode(data: bytes) -> AnyMessage:
     """Decode one datagram.
 
     Raises ProtocolError with code TOO_LARGE, MALFORMED, UNSUPPORTED_VERSION,
-    UNKNOWN_TYPE, INVALID_FIELD or INVALID_NAME; never any other exception.
+    UNKNOWN_TYPE, INVALID_FIELD or INVALID_NAME; never any other exception. A map or
+    array nested deeper than MAX_NESTING is MALFORMED, so validation never meets a
+    deep value (msgpack itself stops near 1,024 levels; ``repr`` would not).
     """
     if len(data) > MAX_DATAGRAM:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(data)} bytes > {MAX_DATAGRAM}")
@@ -565,6 +621,8 @@ def decode(data: bytes) -> AnyMessage:
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if type(m) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "a datagram must be a msgpack map")
+    if _too_deep(m):
+        raise ProtocolError(ErrorCode.MALFORMED, f"nested deeper than {MAX_NESTING} levels")
     request = m.get("r")
     if type(request) is not int or not 0 <= request <= MAX_REQUEST_ID:
         request = 0
@@ -578,6 +636,7 @@ def decode(data: bytes) -> AnyMessage:
         return decoder(m)
     except ProtocolError as exc:
         exc.request = request
+        exc.kind = MessageType(cast(int, kind))
         raise
 
 
