@@ -23,12 +23,15 @@ list, a snapshot of friends) travel in parts: :func:`split_names` and
 from __future__ import annotations
 
 import enum
+import functools
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeVar, cast
 
 import msgpack
+import precis_i18n
 
 PROTOCOL_VERSION: Final = 1
 """Value of the ``v`` key in every datagram this code sends and accepts."""
@@ -61,7 +64,21 @@ MAX_NESTING: Final = 3
 deepest value the protocol uses is a friend state, map -> array -> [name, online,
 version]. Anything deeper is MALFORMED, refused before any field is looked at."""
 
-_NAME_RE: Final = re.compile(rf"[\w.@+-]{{1,{MAX_NAME_CHARS}}}")
+NAME_PUNCTUATION: Final = "_.@+-"
+"""The only ASCII characters in a name besides ASCII letters and digits."""
+
+UNICODE_VERSION: Final = unicodedata.unidata_version
+"""The Unicode version the name rules are checked against: Python's own ``unicodedata``
+(14.0.0 on Python 3.11), which precis-i18n reads. A code point unassigned in it is
+DISALLOWED by PRECIS, so such a name is refused."""
+
+_ASCII_NAME_RE: Final = re.compile(
+    rf"[A-Za-z0-9{re.escape(NAME_PUNCTUATION)}]{{1,{MAX_NAME_CHARS}}}"
+)
+_ASCII_ALLOWED: Final = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + NAME_PUNCTUATION
+)
+_USERNAME_PROFILE: Final = precis_i18n.get_profile("UsernameCasePreserved")
 
 
 class MessageType(enum.IntEnum):
@@ -177,11 +194,32 @@ class ProtocolError(Exception):
 def is_valid_name(name: object) -> bool:
     """True if ``name`` is a string usable as a user name, client id or friend name.
 
-    Names are 1 to 64 characters: Unicode letters and digits, ``_``, ``.``, ``@``, ``+``
-    and ``-``. Braces, spaces and separators are excluded, so a name can be placed in a
-    Redis hash tag unchanged.
+    A name is 1 to 64 code points; it equals its own PRECIS enforcement under RFC 8265
+    section 3.4, UsernameCasePreserved (so it is already NFC, has no fullwidth forms,
+    no spaces, controls, symbols or unassigned code points); and every ASCII character
+    in it is a letter, a digit or one of ``_ . @ + -``. Names are case-sensitive and
+    never normalized here: a name that enforcement would change is refused (see
+    :func:`normalize_name` for user interfaces). ASCII names take a regex fast path.
     """
-    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+    if type(name) is not str:
+        return False
+    if _ASCII_NAME_RE.fullmatch(name) is not None:
+        return True
+    if not 1 <= len(name) <= MAX_NAME_CHARS or name.isascii():
+        return False
+    if any(char < "\x80" and char not in _ASCII_ALLOWED for char in name):
+        return False
+    return _is_canonical_username(name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _is_canonical_username(name: str) -> bool:
+    # precis-i18n costs about 3 us per code point (pure Python); names recur (users,
+    # friend lists), so the answers are cached.
+    try:
+        return _USERNAME_PROFILE.enforce(name) == name
+    except UnicodeError:  # precis-i18n reports every refusal as a UnicodeEncodeError
+        return False
 
 
 def check_name(name: object, what: str) -> str:
@@ -195,6 +233,23 @@ def check_name(name: object, what: str) -> str:
         )
     if not is_valid_name(name):
         raise ProtocolError(ErrorCode.INVALID_NAME, f"invalid {what}: {name!r}")
+    return name
+
+
+def normalize_name(text: str) -> str:
+    """The canonical form of a name a person typed: PRECIS UsernameCasePreserved
+    enforcement (fullwidth to halfwidth, NFC), then the name rules.
+
+    For user interfaces only; the wire carries canonical names and a daemon refuses any
+    other. Case is kept (``Alice`` and ``alice`` are two users). Raises
+    ProtocolError(INVALID_NAME) naming the value if no valid name results.
+    """
+    try:
+        name = _USERNAME_PROFILE.enforce(text)
+    except UnicodeError:
+        name = text
+    if not is_valid_name(name):
+        raise ProtocolError(ErrorCode.INVALID_NAME, f"invalid name: {text!r}")
     return name
 
 
