@@ -8,14 +8,17 @@ against is the one the reference implementation obeys.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import precis_i18n
 import pytest
 import pytest_asyncio
+from precis_i18n.derived import PVALID, derived_property
 
 from daemons import DaemonProcess, RawPeer
 from presence_client.protocol import (
@@ -128,6 +131,74 @@ def test_normalize_name_refuses_what_no_canonical_form_saves(typed: str) -> None
         normalize_name(typed)
     assert info.value.code is ErrorCode.INVALID_NAME
     assert repr(typed) in info.value.message
+
+
+# -- the fast path is the rule -----------------------------------------------------------
+
+PROFILE: Final = precis_i18n.get_profile("UsernameCasePreserved")
+
+
+def reference_is_valid_name(name: str) -> bool:
+    """The rule as docs/protocol.md states it, with no shortcut."""
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        return False
+    if any(c.isascii() and not (c.isalnum() or c in "_.@+-") for c in name):
+        return False
+    try:
+        return bool(PROFILE.enforce(name) == name)
+    except UnicodeError:
+        return False
+
+
+def test_no_pvalid_code_point_is_changed_by_width_mapping() -> None:
+    # is_valid_name accepts a name of PVALID code points that is NFC and LTR without
+    # running enforcement; that is exact only because of this.
+    ucd = PROFILE.base.ucd
+    changed = [
+        hex(cp)
+        for cp in range(0x110000)
+        if not 0xD800 <= cp <= 0xDFFF
+        and derived_property(cp, ucd)[0] == PVALID
+        and ucd.width_map(chr(cp)) != chr(cp)
+    ]
+    assert changed == []
+
+
+def test_is_valid_name_equals_the_reference_rule_across_unicode() -> None:
+    # Every 13th code point, alone and after an ASCII letter (all of them agree too:
+    # about 45 s, run by hand when the fast path changes).
+    disagreements = [
+        hex(cp)
+        for cp in range(0, 0x110000, 13)
+        if not 0xD800 <= cp <= 0xDFFF
+        for name in (chr(cp), "a" + chr(cp))
+        if is_valid_name(name) != reference_is_valid_name(name)
+    ]
+    assert disagreements == []
+
+
+ALPHABETS: Final = [
+    "abcXYZ019_.@+-",
+    "\u00e9\u00eb\u00c5\u00df\u0131e\u0301\u0308\u212b\u212a\u01c5",
+    "\u0928\u092e\u0938\u094d\u0924\u0947\u093f\u0915\u0937\u200c\u200d",
+    "\u0645\u0631\u062d\u0628\u0627\u0661\u0662\u06f2\u064e\u05e9\u05dc\u0031",
+    "\u7528\u6237\u540d\u3072\u30ab\u30fb\u3007\uff21\uff41\uff76\u3000",
+    "\u1100\u1161\u11a8\uac00\ud55c\u00b7l\u0375\u03b1\u05f3\u05d0",
+    "\U0001f600\u2764\u00a0\u00ad\ufeff\u200b\u0378\ue000\ufdd0\U0001d400 {|:",
+]
+
+
+def test_is_valid_name_equals_the_reference_rule_on_random_names() -> None:
+    rng = random.Random(8265)
+    disagreements = []
+    for _ in range(20_000):
+        alphabet = rng.choice(ALPHABETS) + rng.choice(ALPHABETS)
+        name = "".join(rng.choice(alphabet) for _ in range(rng.choice([1, 2, 3, 5, 8, 64, 65])))
+        if is_valid_name(name) != reference_is_valid_name(name):
+            disagreements.append(name)
+    assert disagreements == []
+    for row in ROWS:
+        assert reference_is_valid_name(row.name) is row.valid, row
 
 
 # -- against a live daemon -------------------------------------------------------------

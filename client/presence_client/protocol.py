@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Final, TypeVar, cast
 
 import msgpack
 import precis_i18n
+from precis_i18n.bidi import has_rtl
+from precis_i18n.derived import CONTEXTJ, CONTEXTO, PVALID, derived_property
 
 PROTOCOL_VERSION: Final = 1
 """Value of the ``v`` key in every datagram this code sends and accepts."""
@@ -79,6 +81,7 @@ _ASCII_ALLOWED: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + NAME_PUNCTUATION
 )
 _USERNAME_PROFILE: Final = precis_i18n.get_profile("UsernameCasePreserved")
+_UCD: Final = _USERNAME_PROFILE.base.ucd
 
 
 class MessageType(enum.IntEnum):
@@ -207,15 +210,60 @@ def is_valid_name(name: object) -> bool:
         return True
     if not 1 <= len(name) <= MAX_NAME_CHARS or name.isascii():
         return False
-    if any(char < "\x80" and char not in _ASCII_ALLOWED for char in name):
-        return False
     return _is_canonical_username(name)
 
 
-@functools.lru_cache(maxsize=8192)
+_CHAR_OK: Final = 0
+"""A code point a name may hold that changes nothing by itself: an allowed ASCII
+character, or PVALID, left-to-right or neutral."""
+_CHAR_BAD: Final = 1
+"""A code point no valid name holds: ASCII outside the allowed set, or a PRECIS derived
+property other than PVALID and the contextual ones (enforcement either refuses it or
+maps it to something else)."""
+_CHAR_CHECK: Final = 2
+"""A code point that needs the whole name to judge: contextual (CONTEXTJ, CONTEXTO)
+or right-to-left (the Bidi Rule)."""
+
+
+@functools.lru_cache(maxsize=65536)
+def _char_class(char: str) -> int:
+    if char.isascii():
+        return _CHAR_OK if char in _ASCII_ALLOWED else _CHAR_BAD
+    kind = derived_property(ord(char), _UCD)[0]
+    if kind not in (PVALID, CONTEXTJ, CONTEXTO):
+        return _CHAR_BAD
+    if kind != PVALID or has_rtl(char, _UCD):
+        return _CHAR_CHECK
+    return _CHAR_OK
+
+
 def _is_canonical_username(name: str) -> bool:
-    # precis-i18n costs about 3 us per code point (pure Python); names recur (users,
-    # friend lists), so the answers are cached.
+    """For a name of 1 to 64 code points: its ASCII characters are allowed and
+    ``_USERNAME_PROFILE.enforce(name) == name``, at C speed for most names.
+
+    precis-i18n costs about 3 us per code point (pure Python), which a flood of unique
+    non-ASCII names could turn into milliseconds per datagram. So each code point is
+    classified once (cached); a name of _CHAR_OK code points only that is NFC is its
+    own enforcement (no PVALID code point is changed by width mapping, and without a
+    right-to-left one the Bidi Rule does not apply: both checked in
+    tests/test_names.py). Only names with a _CHAR_CHECK code point, or not NFC, go
+    through full enforcement (cached per name).
+    """
+    check = False
+    for char in name:
+        kind = _char_class(char)
+        if kind == _CHAR_BAD:
+            return False
+        if kind == _CHAR_CHECK:
+            check = True
+    if not check and unicodedata.is_normalized("NFC", name):
+        return True
+    return _enforcement_keeps(name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _enforcement_keeps(name: str) -> bool:
+    """True if PRECIS UsernameCasePreserved enforcement returns ``name`` unchanged."""
     try:
         return _USERNAME_PROFILE.enforce(name) == name
     except UnicodeError:  # precis-i18n reports every refusal as a UnicodeEncodeError
