@@ -688,6 +688,9 @@ _DECODERS: Final[dict[int, Callable[[dict[Any, Any]], AnyMessage]]] = {
 }
 
 
+_CONTAINER_TYPES: Final = frozenset((list, dict))
+
+
 def _too_deep(m: dict[Any, Any]) -> bool:
     """True if a map or array nests more than MAX_NESTING levels deep in ``m``.
 
@@ -724,7 +727,8 @@ def decode(data: bytes) -> AnyMessage:
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if type(m) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "a datagram must be a msgpack map")
-    if _too_deep(m):
+    # Most datagrams (every PING) hold no array or map at all: one C-level pass says so.
+    if not _CONTAINER_TYPES.isdisjoint(map(type, m.values())) and _too_deep(m):
         raise ProtocolError(ErrorCode.MALFORMED, f"nested deeper than {MAX_NESTING} levels")
     request = m.get("r")
     if type(request) is not int or not 0 <= request <= MAX_REQUEST_ID:
