@@ -9,9 +9,11 @@ DEMO_ARGS   ?=
 CHAOS_SCHEDULES ?= 200
 MODEL_SCHEDULES ?= 4000
 CHAOS_ARGS      ?=
+FUZZ_DATAGRAMS  ?= 1000000
+FUZZ_ARGS       ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint fmt demo bench chaos clean
+.PHONY: help venv test lint fmt demo bench chaos fuzz clean
 
 help: ## List the available targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -51,6 +53,11 @@ chaos: $(STAMP) ## Random fault schedules vs a model (MODEL_SCHEDULES=N CHAOS_SC
 	MODEL_SCHEDULES=$(MODEL_SCHEDULES) $(BIN)/python -m pytest -q -p no:cacheprovider \
 		--timeout=0 tests/test_model_schedules.py
 	$(BIN)/python tests/chaos.py --schedules $(CHAOS_SCHEDULES) $(CHAOS_ARGS)
+
+# Mutated datagrams against a real daemon on a private Redis; exits non-zero on a crash,
+# an internal error, a state change or amplification. FUZZ_ARGS="--seed S" replays.
+fuzz: $(STAMP) ## Wire fuzzer: FUZZ_DATAGRAMS mutants (default 1,000,000) vs a real daemon
+	FUZZ_DATAGRAMS=$(FUZZ_DATAGRAMS) $(BIN)/python tests/fuzz.py $(FUZZ_ARGS)
 
 clean: ## Remove the venv, caches and build artefacts
 	rm -rf $(VENV) build dist *.egg-info daemon/*.egg-info client/*.egg-info \

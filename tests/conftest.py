@@ -9,6 +9,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio
 
+from helpers import is_daemon_bookkeeping
 from presence_daemon.embedded import EmbeddedRedis
 
 
@@ -25,6 +26,22 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     client = redis.Redis.from_url(redis_server.url)
     try:
         client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_url_keeping_daemons(redis_server: EmbeddedRedis) -> str:
+    """URL of the session Redis, emptied before each test of everything but the live
+    daemons' own bookkeeping (lease, marker, owners set). For modules that share one
+    daemon across tests: a FLUSHALL would take its lease away mid-module, and its repair
+    (re-registering, making its sessions resync) would race with the next test."""
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        doomed = [key for key in client.scan_iter() if not is_daemon_bookkeeping(key)]
+        if doomed:
+            client.delete(*doomed)
     finally:
         client.close()
     return redis_server.url

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
+
+import redis
 
 from presence_client.sdk import Event, FriendEvent, PresenceClient, StatusEvent
 
@@ -30,6 +34,46 @@ async def wait_for(
             name = what or getattr(predicate, "__name__", repr(predicate))
             raise AssertionError(f"condition not met within {timeout} s: {name}")
         await asyncio.sleep(interval)
+
+
+DAEMON_BOOKKEEPING_RE: Final = re.compile(
+    r"presence:owners|presence:owner:\{[^}]*\}:(lease|marker)"
+)
+"""Keys a live daemon rewrites on its own, whatever datagrams arrive: its lease, its
+marker and the set of owners. Everything else in Redis is state datagrams may change."""
+
+
+def is_daemon_bookkeeping(key: str) -> bool:
+    return DAEMON_BOOKKEEPING_RE.fullmatch(key) is not None
+
+
+def redis_state(url: str) -> dict[str, object]:
+    """Every key in the Redis at ``url`` but the daemons' bookkeeping, with its value
+    (hash, set, sorted set, list or string), for before/after comparisons."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        state: dict[str, object] = {}
+        for key in sorted(client.scan_iter()):
+            if is_daemon_bookkeeping(key):
+                continue
+            kind = client.type(key)
+            value: object
+            if kind == "hash":
+                value = client.hgetall(key)
+            elif kind == "set":
+                value = sorted(client.smembers(key))
+            elif kind == "zset":
+                value = client.zrange(key, 0, -1, withscores=True)
+            elif kind == "list":
+                value = client.lrange(key, 0, -1)
+            elif kind == "string":
+                value = client.get(key)
+            else:
+                value = f"<{kind!r}>"
+            state[key] = value
+        return state
+    finally:
+        client.close()
 
 
 def hash_tag(key: str) -> str:

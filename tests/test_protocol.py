@@ -55,7 +55,7 @@ UNICODE_NAMES = ("Zoë", "用户名", "Ωmega_1", "ñandú.@+-", "é" * MAX_NAME
 # Round trips: encode -> decode gives back an equal message.
 
 ROUND_TRIPS: list[Message] = [
-    Connect(request=0, client_id="c1", user="alice"),
+    Connect(request=1, client_id="c1", user="alice"),
     Connect(request=MAX_REQUEST_ID, client_id="用户名", user="Zoë", friends=()),
     Connect(request=7, client_id="dev-1", user="bob", friends=UNICODE_NAMES, auth=b"\x00tok"),
     Connect(request=8, client_id=LONG_NAME, user=LONG_NAME, friends=(LONG_NAME,), auth=b""),
@@ -348,10 +348,21 @@ MALFORMED: list[tuple[str, bytes, ErrorCode]] = [
     ("connect-friends-map", _pack(_T.CONNECT, **_CONNECT, f={"bob": 1}), ErrorCode.INVALID_FIELD),
     ("friends-names-nil", _pack(_T.FRIENDS, **{**_FRIENDS, "f": None}), ErrorCode.INVALID_FIELD),
     ("friends-names-str", _pack(_T.FRIENDS, **{**_FRIENDS, "f": "b"}), ErrorCode.INVALID_FIELD),
-    # names that are not strings at all
-    ("client-id-int", _pack(_T.CONNECT, **{**_CONNECT, "c": 5}), ErrorCode.INVALID_NAME),
-    ("user-bytes", _pack(_T.CONNECT, **{**_CONNECT, "u": b"alice"}), ErrorCode.INVALID_NAME),
-    ("friend-name-int", _pack(_T.CONNECT, **_CONNECT, f=["ok", 3]), ErrorCode.INVALID_NAME),
+    # names that are not strings at all: a field of the wrong type (INVALID_NAME is for
+    # a string that breaks the name rules)
+    ("client-id-int", _pack(_T.CONNECT, **{**_CONNECT, "c": 5}), ErrorCode.INVALID_FIELD),
+    ("user-bytes", _pack(_T.CONNECT, **{**_CONNECT, "u": b"alice"}), ErrorCode.INVALID_FIELD),
+    ("friend-name-int", _pack(_T.CONNECT, **_CONNECT, f=["ok", 3]), ErrorCode.INVALID_FIELD),
+    ("friend-name-bool", _pack(_T.CONNECT, **_CONNECT, f=[True]), ErrorCode.INVALID_FIELD),
+    ("friend-name-nil", _pack(_T.FRIENDS, **{**_FRIENDS, "f": [None]}), ErrorCode.INVALID_FIELD),
+    ("user-array", _pack(_T.CONNECT, **{**_CONNECT, "u": ["alice"]}), ErrorCode.INVALID_FIELD),
+    # request id 0 is reserved (ERROR uses it for "none")
+    ("connect-request-0", _pack(_T.CONNECT, **{**_CONNECT, "r": 0}), ErrorCode.INVALID_FIELD),
+    ("friends-request-0", _pack(_T.FRIENDS, **{**_FRIENDS, "r": 0}), ErrorCode.INVALID_FIELD),
+    # nested deeper than any value of the protocol (map -> array -> friend state)
+    ("nested-4-levels", _pack(_T.CONNECT, **_CONNECT, f=[["a", [1]]]), ErrorCode.MALFORMED),
+    ("nested-map-in-state", _pack(_T.NOTIFY, q=1, f=["a", True, [{"x": 1}]]), ErrorCode.MALFORMED),
+    ("nested-unknown-key", _pack(_T.PING, s=SESSION, x=[[[1]]]), ErrorCode.MALFORMED),
     # friend states
     ("states-not-list", _pack(_T.CONNECT_OK, **{**_CONNECT_OK, "f": "x"}), ErrorCode.INVALID_FIELD),
     ("states-nil", _pack(_T.SNAPSHOT, **{**_SNAPSHOT, "f": None}), ErrorCode.INVALID_FIELD),
@@ -366,7 +377,7 @@ MALFORMED: list[tuple[str, bytes, ErrorCode]] = [
     ("state-version-bool", _pack(_T.NOTIFY, q=1, f=["a", True, True]), ErrorCode.INVALID_FIELD),
     ("state-version-float", _pack(_T.NOTIFY, q=1, f=["a", True, 1.0]), ErrorCode.INVALID_FIELD),
     ("state-version-str", _pack(_T.NOTIFY, q=1, f=["a", True, "1"]), ErrorCode.INVALID_FIELD),
-    ("state-name-int", _pack(_T.NOTIFY, q=1, f=[1, True, 1]), ErrorCode.INVALID_NAME),
+    ("state-name-int", _pack(_T.NOTIFY, q=1, f=[1, True, 1]), ErrorCode.INVALID_FIELD),
     ("state-name-bad", _pack(_T.NOTIFY, q=1, f=["a|b", True, 1]), ErrorCode.INVALID_NAME),
     (
         "snapshot-bad-state",
@@ -726,12 +737,20 @@ def test_valid_names(name: str) -> None:
     assert check_name(name, "user name") == name
 
 
-@pytest.mark.parametrize("name", [*BAD_NAMES, None, 5, b"alice", ["a"], 1.5])
-def test_invalid_names(name: object) -> None:
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_invalid_names(name: str) -> None:
     assert not is_valid_name(name)
     with pytest.raises(ProtocolError) as info:
         check_name(name, "user name")
     assert info.value.code is ErrorCode.INVALID_NAME
+
+
+@pytest.mark.parametrize("value", [None, 5, True, b"alice", ["a"], 1.5, {"a": 1}])
+def test_a_name_that_is_not_a_string_is_a_field_of_the_wrong_type(value: object) -> None:
+    assert not is_valid_name(value)
+    with pytest.raises(ProtocolError) as info:
+        check_name(value, "user name")
+    assert info.value.code is ErrorCode.INVALID_FIELD
 
 
 @pytest.mark.parametrize(

@@ -543,3 +543,86 @@ def test_invalid_name_error_echoes_request_id(daemon: Address, clients: MakeClie
     err = alice.wait_for(lambda m: m["t"] == ERROR)
     assert err["e"] == E_INVALID_NAME
     assert err["r"] == r
+
+
+# -- the error-code table, row by row ---------------------------------------------------
+
+DOC: Final = os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")
+
+COVERED_ELSEWHERE: Final[dict[str, str]] = {
+    "UNAUTHORIZED": "needs a daemon that requires login tokens (issue 11, auth work)",
+    "FORBIDDEN": "needs a daemon where the application sets friend lists (issue 11)",
+    "STALE": "needs a replayed connect number `n` after a newer one (issue 11)",
+    "TRY_AGAIN": "needs Redis stopped or a full job queue: tests/test_convergence.py "
+    "(test_connect_while_redis_is_stopped_gets_try_again_quickly, "
+    "test_disconnects_during_a_redis_stall_are_told_to_friends_after_it)",
+}
+"""Error codes no single datagram to an unauthenticated daemon on a healthy Redis can
+produce, each with where it is covered instead."""
+
+
+def error_table() -> list[tuple[int, str]]:
+    """(code, name) of every row of the document's error-code table."""
+    with open(DOC, encoding="utf-8") as file:
+        text = file.read()
+    section = text.split("## Error codes", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            rows.append((int(cells[0]), cells[1]))
+    return rows
+
+
+def connect_body(user: Any = "eve", client_id: Any = "eve-1", **extra: Any) -> Msg:
+    r = next(_request_ids)
+    return {"v": VERSION, "t": CONNECT, "r": r, "c": client_id, "u": user, **extra}
+
+
+def producers(daemon: Address) -> dict[str, Callable[[DocClient], bytes]]:
+    """For each producible code, a function that does any setup with its own client and
+    returns the one datagram whose answer must carry the code."""
+
+    def in_use(client: DocClient) -> bytes:
+        owner = DocClient(daemon, "shared-1", "owner")
+        try:
+            owner.connect([])
+        finally:
+            owner.close()
+        return padded({**connect_body("intruder", "shared-1")})
+
+    return {
+        "MALFORMED": lambda c: b"\xc1" * 100,
+        "UNSUPPORTED_VERSION": lambda c: padded({"v": 2, "t": PING, "s": bytes(16)}, 100),
+        "UNKNOWN_TYPE": lambda c: padded({"v": VERSION, "t": 99, "r": 5}, 100),
+        "INVALID_FIELD": lambda c: padded({"v": VERSION, "t": PING, "s": bytes(15)}, 100),
+        "TOO_LARGE": lambda c: padded(connect_body(), MAX_DATAGRAM + 1),
+        "INVALID_NAME": lambda c: padded(connect_body("no spaces")),
+        "UNKNOWN_SESSION": lambda c: pack({"v": VERSION, "t": PING, "s": os.urandom(16)}),
+        "CLIENT_ID_IN_USE": in_use,
+        "TOO_MANY_FRIENDS": lambda c: padded(connect_body(f=["f1", "f2", "f3"])),
+    }
+
+
+def test_every_error_code_of_the_document_is_produced(daemon_factory: DaemonFactory) -> None:
+    rows = error_table()
+    assert len(rows) >= 10, rows
+    daemon = daemon_factory(flags={"--max-friends": "2"}).address
+    made = producers(daemon)
+    unaccounted = [name for _, name in rows if name not in made and name not in COVERED_ELSEWHERE]
+    assert unaccounted == [], "error codes neither produced here nor covered elsewhere"
+    stale = sorted((set(made) | set(COVERED_ELSEWHERE)) - {name for _, name in rows})
+    assert stale == [], "codes the document no longer lists"
+    for code, name in rows:
+        if name in COVERED_ELSEWHERE:
+            continue
+        client = DocClient(daemon, f"err-{code}", f"err{code}")
+        try:
+            datagram = made[name](client)
+            client.sock.sendto(datagram, daemon)  # may be over MAX_DATAGRAM on purpose
+            reply = client.wait_for(lambda m: m["t"] == ERROR)
+            assert reply["e"] == code, (name, reply)
+            data = pack(reply)
+            assert len(data) <= len(datagram), (name, "reply larger than the datagram")
+        finally:
+            client.close()

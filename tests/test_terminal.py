@@ -32,7 +32,7 @@ from presence_client.render import (
     render_view,
 )
 from presence_client.sdk import FriendEvent, StatusEvent
-from presence_client.terminal import LineSource, UsageError, main, read_names
+from presence_client.terminal import LineSource, UsageError, build_parser, main, read_names
 
 WAIT = 10.0
 """Upper bound for any single expected line or exit (generous; normally well under 1 s)."""
@@ -263,6 +263,30 @@ def test_read_names_lockwood_flow() -> None:
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+
+
+def test_typed_names_are_canonicalized() -> None:
+    # Fullwidth letters and a decomposed accent, as an input method may produce them:
+    # the terminal sends the canonical name (the daemon would refuse the typed form).
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, "\uff21lice\nZoe\u0308\nnamaste\u0020x\n\n".encode())
+        os.close(write_fd)
+        write_fd = -1
+        err = io.StringIO()
+        assert read_names(LineSource(read_fd), None, err) == ("Alice", ["Zo\u00eb"])
+        assert "invalid friend name 'namaste x'" in err.getvalue()
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+
+def test_command_line_names_are_canonicalized() -> None:
+    args = build_parser().parse_args(
+        ["--user", "\uff21lice", "--friend", "Zoe\u0308", "--client-id", "\uff43-1"]
+    )
+    assert (args.user, args.friends, args.client_id) == ("Alice", ["Zo\u00eb"], "c-1")
 
 
 def test_read_names_without_user_is_a_usage_error() -> None:

@@ -20,6 +20,7 @@ import pytest_asyncio
 import redis.asyncio
 
 from daemons import DaemonProcess, RawPeer
+from helpers import is_daemon_bookkeeping
 from presence_client.protocol import (
     MAX_DATAGRAM,
     MAX_NAME_CHARS,
@@ -56,6 +57,17 @@ def daemon(redis_server: EmbeddedRedis) -> Iterator[DaemonProcess]:
         yield process
         assert process.running, f"daemon died; stderr:\n{process.stderr()}"
         assert "Traceback" not in process.stderr(), process.stderr()
+
+
+@pytest.fixture
+def redis_url(redis_url_keeping_daemons: str) -> str:
+    """The module's daemon lives across tests: keep its lease (see conftest)."""
+    return redis_url_keeping_daemons
+
+
+async def state_keys(client: redis.asyncio.Redis) -> list[str]:
+    """Every key in Redis but the daemon's own bookkeeping."""
+    return [key async for key in client.scan_iter() if not is_daemon_bookkeeping(key)]
 
 
 @pytest_asyncio.fixture
@@ -140,7 +152,22 @@ CASES: dict[str, Case] = {
         pack(connect_body("{alice}"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
     ),
     "user-not-a-string": Case(
-        pack(connect_body(12345), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
+        pack(connect_body(12345), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD, request=7
+    ),
+    "client-id-int": Case(
+        pack(connect_body(client_id=5), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD, request=7
+    ),
+    "user-bin": Case(
+        pack(connect_body(b"alice"), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD, request=7
+    ),
+    "friend-int": Case(
+        pack(connect_body(f=[1]), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD, request=7
+    ),
+    "friend-bool": Case(
+        pack(connect_body(f=[True]), size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD, request=7
+    ),
+    "request-zero": Case(
+        pack({**connect_body(), "r": 0}, size=MAX_DATAGRAM), ErrorCode.INVALID_FIELD
     ),
     "client-id-with-slash": Case(
         pack(connect_body(client_id="a/b"), size=MAX_DATAGRAM), ErrorCode.INVALID_NAME, request=7
@@ -197,12 +224,23 @@ CASES: dict[str, Case] = {
         request=5,
     ),
     "disconnect-unknown-session": Case(encode(Disconnect(5, UNKNOWN)), DisconnectOk, request=5),
-    # Messages only a daemon sends: never answered (answering them invites loops).
+    # Messages only a daemon sends: never answered (answering them invites loops),
+    # whether they are well formed or not.
     "pong": Case(encode(Pong(3)), None),
     "error": Case(encode(Error(5, ErrorCode.MALFORMED)), None),
     "connect-ok": Case(padded(ConnectOk(5, UNKNOWN, 200, 600, 0, (), True)), None),
     "snapshot": Case(encode(Snapshot(5, 0, 1, 0, ())), None),
     "notify": Case(encode(Notify(1, FriendState("bob", True, 3))), None),
+    "disconnect-ok": Case(pack({"v": 1, "t": 6, "r": 5}, size=80), None),
+    "friends-ok": Case(pack({"v": 1, "t": 8, "r": 5}, size=80), None),
+    "go-away": Case(pack({"v": 1, "t": 13, "s": UNKNOWN, "w": 1}, size=80), None),
+    **{
+        f"bare-type-{kind}": Case(pack({"v": 1, "t": kind, "r": 5}, size=MAX_DATAGRAM), None)
+        for kind in (2, 4, 6, 8, 10, 11, 12, 13)
+    },
+    "connect-ok-bad-fields": Case(pack({"v": 1, "t": 2, "r": 5, "s": 1}, size=200), None),
+    "notify-bad-name": Case(pack({"v": 1, "t": 11, "q": 1, "f": [5, True, 1]}, size=80), None),
+    "error-unknown-code": Case(pack({"v": 1, "t": 12, "r": 5, "e": 99}, size=80), None),
 }
 
 
@@ -243,7 +281,7 @@ async def test_bad_datagram_is_refused_without_amplification(
     else:
         assert not case.required, "no answer where one fits"
 
-    assert await redis_client.dbsize() == 0, await redis_client.keys("*")
+    assert await state_keys(redis_client) == []
     assert daemon.running
     await assert_still_serves(peer)
 
@@ -277,7 +315,7 @@ async def test_random_datagrams_never_crash_or_amplify(
             assert isinstance(msg, Error | DisconnectOk), (datagram, msg)
             if isinstance(msg, Error):
                 assert msg.code in decode_codes, (datagram, msg)
-    assert await redis_client.dbsize() == 0, await redis_client.keys("*")
+    assert await state_keys(redis_client) == []
     assert daemon.running
     await assert_still_serves(peer)
 

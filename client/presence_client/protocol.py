@@ -23,12 +23,17 @@ list, a snapshot of friends) travel in parts: :func:`split_names` and
 from __future__ import annotations
 
 import enum
+import functools
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 import msgpack
+import precis_i18n
+from precis_i18n.bidi import has_rtl
+from precis_i18n.derived import CONTEXTJ, CONTEXTO, PVALID, derived_property
 
 PROTOCOL_VERSION: Final = 1
 """Value of the ``v`` key in every datagram this code sends and accepts."""
@@ -41,7 +46,7 @@ MIN_CONNECT_SIZE: Final = 128
 no larger than it (see MAX_DATAGRAM and address verification). Clients pad CONNECT."""
 
 MAX_NAME_CHARS: Final = 64
-"""Longest user name, client id or friend name, in characters."""
+"""Longest user name, client id or friend name, in code points."""
 
 SESSION_BYTES: Final = 16
 """Length of a session token (128 bits from a CSPRNG)."""
@@ -57,7 +62,27 @@ MAX_COUNTER: Final = 2**53 - 1
 """Connect numbers (CONNECT ``n``) are unsigned integers exact in a double (Redis's Lua
 compares them as numbers)."""
 
-_NAME_RE: Final = re.compile(rf"[\w.@+-]{{1,{MAX_NAME_CHARS}}}")
+MAX_NESTING: Final = 3
+"""Deepest nesting of maps and arrays in a datagram, the outer map counting as 1: the
+deepest value the protocol uses is a friend state, map -> array -> [name, online,
+version]. Anything deeper is MALFORMED, refused before any field is looked at."""
+
+NAME_PUNCTUATION: Final = "_.@+-"
+"""The only ASCII characters in a name besides ASCII letters and digits."""
+
+UNICODE_VERSION: Final = unicodedata.unidata_version
+"""The Unicode version the name rules are checked against: Python's own ``unicodedata``
+(14.0.0 on Python 3.11), which precis-i18n reads. A code point unassigned in it is
+DISALLOWED by PRECIS, so such a name is refused."""
+
+_ASCII_NAME_RE: Final = re.compile(
+    rf"[A-Za-z0-9{re.escape(NAME_PUNCTUATION)}]{{1,{MAX_NAME_CHARS}}}"
+)
+_ASCII_ALLOWED: Final = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + NAME_PUNCTUATION
+)
+_USERNAME_PROFILE: Final = precis_i18n.get_profile("UsernameCasePreserved")
+_UCD: Final = _USERNAME_PROFILE.base.ucd
 
 
 class MessageType(enum.IntEnum):
@@ -76,6 +101,23 @@ class MessageType(enum.IntEnum):
     NOTIFY = 11
     ERROR = 12
     GO_AWAY = 13
+
+
+CLIENT_TO_DAEMON: Final = frozenset(
+    {
+        MessageType.CONNECT,
+        MessageType.PING,
+        MessageType.DISCONNECT,
+        MessageType.FRIENDS,
+        MessageType.SNAPSHOT_REQUEST,
+    }
+)
+"""The message types a daemon accepts. Any other known type arriving at a daemon is
+dropped unanswered: answering could make two spoofed daemons bounce errors at each
+other."""
+
+DAEMON_TO_CLIENT: Final = frozenset(set(MessageType) - CLIENT_TO_DAEMON)
+"""The message types only a daemon sends."""
 
 
 class ErrorCode(enum.IntEnum):
@@ -141,7 +183,8 @@ class ProtocolError(Exception):
     """Raised by :func:`decode` (and by validators) for input that breaks the protocol.
 
     ``request`` is the datagram's request id when it could be read (so an ERROR reply
-    can echo it), else 0.
+    can echo it), else 0. ``kind`` is the datagram's message type when it is a known
+    one (a daemon drops, unanswered, anything of a type only daemons send), else None.
     """
 
     def __init__(self, code: ErrorCode, message: str, request: int = 0) -> None:
@@ -149,23 +192,113 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.request = request
+        self.kind: MessageType | None = None
 
 
 def is_valid_name(name: object) -> bool:
     """True if ``name`` is a string usable as a user name, client id or friend name.
 
-    Names are 1 to 64 characters: Unicode letters and digits, ``_``, ``.``, ``@``, ``+``
-    and ``-``. Braces, spaces and separators are excluded, so a name can be placed in a
-    Redis hash tag unchanged.
+    A name is 1 to 64 code points; it equals its own PRECIS enforcement under RFC 8265
+    section 3.4, UsernameCasePreserved (so it is already NFC, has no fullwidth forms,
+    no spaces, controls, symbols or unassigned code points); and every ASCII character
+    in it is a letter, a digit or one of ``_ . @ + -``. Names are case-sensitive and
+    never normalized here: a name that enforcement would change is refused (see
+    :func:`normalize_name` for user interfaces). ASCII names take a regex fast path.
     """
-    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+    if type(name) is not str:
+        return False
+    if _ASCII_NAME_RE.fullmatch(name) is not None:
+        return True
+    if not 1 <= len(name) <= MAX_NAME_CHARS or name.isascii():
+        return False
+    return _is_canonical_username(name)
+
+
+_CHAR_OK: Final = 0
+"""A code point a name may hold that changes nothing by itself: an allowed ASCII
+character, or PVALID, left-to-right or neutral."""
+_CHAR_BAD: Final = 1
+"""A code point no valid name holds: ASCII outside the allowed set, or a PRECIS derived
+property other than PVALID and the contextual ones (enforcement either refuses it or
+maps it to something else)."""
+_CHAR_CHECK: Final = 2
+"""A code point that needs the whole name to judge: contextual (CONTEXTJ, CONTEXTO)
+or right-to-left (the Bidi Rule)."""
+
+
+@functools.lru_cache(maxsize=65536)
+def _char_class(char: str) -> int:
+    if char.isascii():
+        return _CHAR_OK if char in _ASCII_ALLOWED else _CHAR_BAD
+    kind = derived_property(ord(char), _UCD)[0]
+    if kind not in (PVALID, CONTEXTJ, CONTEXTO):
+        return _CHAR_BAD
+    if kind != PVALID or has_rtl(char, _UCD):
+        return _CHAR_CHECK
+    return _CHAR_OK
+
+
+def _is_canonical_username(name: str) -> bool:
+    """For a name of 1 to 64 code points: its ASCII characters are allowed and
+    ``_USERNAME_PROFILE.enforce(name) == name``, at C speed for most names.
+
+    precis-i18n costs about 3 us per code point (pure Python), which a flood of unique
+    non-ASCII names could turn into milliseconds per datagram. So each code point is
+    classified once (cached); a name of _CHAR_OK code points only that is NFC is its
+    own enforcement (no PVALID code point is changed by width mapping, and without a
+    right-to-left one the Bidi Rule does not apply: both checked in
+    tests/test_names.py). Only names with a _CHAR_CHECK code point, or not NFC, go
+    through full enforcement (cached per name).
+    """
+    check = False
+    for char in name:
+        kind = _char_class(char)
+        if kind == _CHAR_BAD:
+            return False
+        if kind == _CHAR_CHECK:
+            check = True
+    if not check and unicodedata.is_normalized("NFC", name):
+        return True
+    return _enforcement_keeps(name)
+
+
+@functools.lru_cache(maxsize=8192)
+def _enforcement_keeps(name: str) -> bool:
+    """True if PRECIS UsernameCasePreserved enforcement returns ``name`` unchanged."""
+    try:
+        return _USERNAME_PROFILE.enforce(name) == name
+    except UnicodeError:  # precis-i18n reports every refusal as a UnicodeEncodeError
+        return False
 
 
 def check_name(name: object, what: str) -> str:
-    """Return ``name`` if valid, else raise ProtocolError(INVALID_NAME) naming ``what``."""
+    """Return ``name`` if valid. A name that is not a string at all raises
+    ProtocolError(INVALID_FIELD); a string that breaks the name rules raises
+    ProtocolError(INVALID_NAME). Either names ``what``."""
+    if type(name) is not str:
+        # Never repr() the value: it may be a nested structure from the wire.
+        raise ProtocolError(
+            ErrorCode.INVALID_FIELD, f"{what} must be a string, not {type(name).__name__}"
+        )
     if not is_valid_name(name):
         raise ProtocolError(ErrorCode.INVALID_NAME, f"invalid {what}: {name!r}")
-    assert isinstance(name, str)
+    return name
+
+
+def normalize_name(text: str) -> str:
+    """The canonical form of a name a person typed: PRECIS UsernameCasePreserved
+    enforcement (fullwidth to halfwidth, NFC), then the name rules.
+
+    For user interfaces only; the wire carries canonical names and a daemon refuses any
+    other. Case is kept (``Alice`` and ``alice`` are two users). Raises
+    ProtocolError(INVALID_NAME) naming the value if no valid name results.
+    """
+    try:
+        name = _USERNAME_PROFILE.enforce(text)
+    except UnicodeError:
+        name = text
+    if not is_valid_name(name):
+        raise ProtocolError(ErrorCode.INVALID_NAME, f"invalid name: {text!r}")
     return name
 
 
@@ -398,7 +531,11 @@ def _uint(m: dict[Any, Any], key: str, maximum: int = 2**63 - 1) -> int:
 
 
 def _request(m: dict[Any, Any]) -> int:
-    return _uint(m, "r", MAX_REQUEST_ID)
+    # 0 is reserved: an ERROR carries r = 0 when the request id could not be read.
+    request = _uint(m, "r", MAX_REQUEST_ID)
+    if request == 0:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "key 'r' must be 1 to 2**32-1 (0 is reserved)")
+    return request
 
 
 def _bool(m: dict[Any, Any], key: str) -> bool:
@@ -552,11 +689,36 @@ _DECODERS: Final[dict[int, Callable[[dict[Any, Any]], AnyMessage]]] = {
 }
 
 
+_CONTAINER_TYPES: Final = frozenset((list, dict))
+
+
+def _too_deep(m: dict[Any, Any]) -> bool:
+    """True if a map or array nests more than MAX_NESTING levels deep in ``m``.
+
+    Iterative (no recursion), and it stops at the first level too many: its cost is
+    bounded by the datagram's size, whatever the nesting. Map keys need no look: a key
+    that is an array or map is unhashable, so msgpack already refused it.
+    """
+    level = [value for value in m.values() if type(value) is list or type(value) is dict]
+    for _ in range(MAX_NESTING - 1):
+        if not level:
+            return False
+        below: list[Any] = []
+        for container in level:
+            for value in container.values() if type(container) is dict else container:
+                if type(value) is list or type(value) is dict:
+                    below.append(value)
+        level = below
+    return bool(level)
+
+
 def decode(data: bytes) -> AnyMessage:
     """Decode one datagram.
 
     Raises ProtocolError with code TOO_LARGE, MALFORMED, UNSUPPORTED_VERSION,
-    UNKNOWN_TYPE, INVALID_FIELD or INVALID_NAME; never any other exception.
+    UNKNOWN_TYPE, INVALID_FIELD or INVALID_NAME; never any other exception. A map or
+    array nested deeper than MAX_NESTING is MALFORMED, so validation never meets a
+    deep value (msgpack itself stops near 1,024 levels; ``repr`` would not).
     """
     if len(data) > MAX_DATAGRAM:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(data)} bytes > {MAX_DATAGRAM}")
@@ -566,6 +728,9 @@ def decode(data: bytes) -> AnyMessage:
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if type(m) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "a datagram must be a msgpack map")
+    # Most datagrams (every PING) hold no array or map at all: one C-level pass says so.
+    if not _CONTAINER_TYPES.isdisjoint(map(type, m.values())) and _too_deep(m):
+        raise ProtocolError(ErrorCode.MALFORMED, f"nested deeper than {MAX_NESTING} levels")
     request = m.get("r")
     if type(request) is not int or not 0 <= request <= MAX_REQUEST_ID:
         request = 0
@@ -579,6 +744,7 @@ def decode(data: bytes) -> AnyMessage:
         return decoder(m)
     except ProtocolError as exc:
         exc.request = request
+        exc.kind = MessageType(cast(int, kind))
         raise
 
 

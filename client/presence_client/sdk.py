@@ -349,7 +349,7 @@ class PresenceClient:
     # -- requests ------------------------------------------------------------------
 
     def _new_request(self) -> int:
-        self._next_request = (self._next_request + 1) % (MAX_REQUEST_ID + 1)
+        self._next_request = self._next_request % MAX_REQUEST_ID + 1  # 1..MAX: 0 is reserved
         return self._next_request
 
     def _require_session(self) -> bytes:

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
-from presence_client.protocol import MAX_NAME_CHARS, is_valid_name
+from presence_client.protocol import MAX_NAME_CHARS, ProtocolError, normalize_name
 from presence_client.render import ViewState, render_event_line, render_friend_lines, render_view
 from presence_client.sdk import (
     DEFAULT_PORT,
@@ -49,7 +49,10 @@ from presence_client.sdk import (
 
 PROG: Final = "presence-client"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-NAME_RULE: Final = f"1-{MAX_NAME_CHARS} letters, digits, '_', '.', '@', '+' or '-'"
+NAME_RULE: Final = (
+    f"1-{MAX_NAME_CHARS} letters (any script), digits, '_', '.', '@', '+' or '-'; "
+    "no spaces or symbols"
+)
 QUIT_WORDS: Final = frozenset({"q", "quit", "exit"})
 
 
@@ -64,11 +67,21 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _canonical_name(text: str) -> str | None:
+    """The canonical form of a name typed by a person (fullwidth letters made halfwidth,
+    NFC; case kept), or None if it is no valid name."""
+    try:
+        return normalize_name(text)
+    except ProtocolError:
+        return None
+
+
 def _name_type(what: str) -> Callable[[str], str]:
     def check(text: str) -> str:
-        if not is_valid_name(text):
+        name = _canonical_name(text)
+        if name is None:
             raise argparse.ArgumentTypeError(f"invalid {what} {text!r} (expected {NAME_RULE})")
-        return text
+        return name
 
     return check
 
@@ -282,9 +295,8 @@ def read_names(
         name = line.strip()
         if not name:
             continue
-        if is_valid_name(name):
-            user = name
-        else:
+        user = _canonical_name(name)
+        if user is None:
             print(f"invalid user name {name!r}: expected {NAME_RULE}", file=err, flush=True)
     friends: list[str] = []
     while True:
@@ -294,8 +306,9 @@ def read_names(
         name = "" if line is None else line.strip()
         if not name:
             return user, friends
-        if is_valid_name(name):
-            friends.append(name)
+        friend = _canonical_name(name)
+        if friend is not None:
+            friends.append(friend)
         else:
             print(f"invalid friend name {name!r}: expected {NAME_RULE}", file=err, flush=True)
 

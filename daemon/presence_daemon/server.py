@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,8 @@ from typing import Any, Final
 from redis.exceptions import RedisError
 
 from presence_client.protocol import (
+    CLIENT_TO_DAEMON,
+    DAEMON_TO_CLIENT,
     MAX_DATAGRAM,
     MIN_CONNECT_SIZE,
     Connect,
@@ -100,6 +103,9 @@ Clock = Callable[[], float]
 
 REDIS_ERROR_LOG_INTERVAL: Final = 5.0
 """Seconds between repeated log lines about an unreachable Redis."""
+
+HOSTILE_LOG_INTERVAL: Final = 5.0
+"""Seconds between two log lines for the same reason of failing on a datagram."""
 
 RECONCILE_INTERVAL: Final = 60.0
 """Seconds between comparisons of what Redis says this daemon owns with what it holds."""
@@ -294,17 +300,32 @@ class Server:
 
     # -- datagrams -----------------------------------------------------------------
 
+    _quiet_until: dict[str, float] | None = None
+    """Per reason, when the next log line about failing on a datagram may be written."""
+
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        """Handle one datagram; never awaits, never raises."""
+        """Handle one datagram; never awaits, never raises, whatever the bytes.
+
+        Bad input is counted (``rejected_<code>``) and answered with at most an ERROR
+        no larger than the datagram. A message of a type only daemons send is dropped
+        unanswered (``dropped_daemon_message``): answering could make two spoofed
+        daemons bounce errors at each other. A failure of our own is counted
+        (``internal_errors``) and logged once per reason per HOSTILE_LOG_INTERVAL.
+        """
         self.counters["datagrams_in"] += 1
         try:
-            msg = decode(data)
-        except ProtocolError as exc:
-            self.counters[f"rejected_{exc.code.name.lower()}"] += 1
-            self._reply(Error(exc.request, exc.code), addr, limit=len(data))
-            return
-        try:
-            if type(msg) is Ping:
+            try:
+                msg = decode(data)
+            except ProtocolError as exc:
+                if exc.kind in DAEMON_TO_CLIENT:
+                    self.counters["dropped_daemon_message"] += 1
+                    return
+                self.counters[f"rejected_{exc.code.name.lower()}"] += 1
+                self._reply(Error(exc.request, exc.code), addr, limit=len(data))
+                return
+            if msg.TYPE not in CLIENT_TO_DAEMON:
+                self.counters["dropped_daemon_message"] += 1
+            elif type(msg) is Ping:
                 self._on_ping(msg, addr, len(data))
             elif type(msg) is Connect and len(data) < MIN_CONNECT_SIZE:
                 # No answer could fit, so the client could never use the session: drop
@@ -322,11 +343,27 @@ class Server:
                 )
             elif isinstance(msg, Disconnect | Friends | SnapshotRequest):
                 self._on_session_message(msg, addr, len(data))
-            else:
-                self.counters["rejected_unexpected_type"] += 1
-        except Exception:
+        except Exception as exc:  # the one place a bug meets hostile input: count, go on
             self.counters["internal_errors"] += 1
-            log.exception("failed to handle a %s", type(msg).__name__)
+            self._log_rarely(f"datagram-{type(exc).__name__}", exc)
+
+    def _log_rarely(self, reason: str, exc: Exception) -> None:
+        """Log ``exc`` (with its traceback) at most once per ``reason`` per
+        HOSTILE_LOG_INTERVAL seconds; the datagrams in between are only counted."""
+        now = self.clock()
+        if self._quiet_until is None:
+            self._quiet_until = {}
+        if now < self._quiet_until.get(reason, -math.inf):
+            return
+        self._quiet_until[reason] = now + HOSTILE_LOG_INTERVAL
+        log.error(
+            "failed to handle a datagram (%s; internal_errors=%d; repeats within %.0f s "
+            "are counted, not logged)",
+            reason,
+            self.counters["internal_errors"],
+            HOSTILE_LOG_INTERVAL,
+            exc_info=exc,
+        )
 
     def _authenticate(self, msg: Connect, addr: Address, size: int) -> bool:
         """With auth, let a CONNECT in only with a valid login token for its user (and
