@@ -52,6 +52,7 @@ from presence_client.protocol import (
     decode,
     encode,
 )
+from presence_client.sdk import PresenceClient, StatusEvent
 
 Address = tuple[str, int]
 
@@ -384,3 +385,26 @@ async def test_forged_connect_gets_no_reply_larger_than_itself(
         await honest.connect("honest", "honest-1")
         await honest.ping()
         await honest.disconnect()
+
+
+async def test_forged_pings_from_an_sdk_clients_address_do_not_make_it_reconnect(
+    forger: Forger, daemon: DaemonProcess
+) -> None:
+    """A PING with a made-up token, forged from an SDK client's address, makes the
+    daemon answer UNKNOWN_SESSION to that client (an ERROR carries no session, so the
+    client cannot tell it from a real one). The SDK checks with a PING of its own and,
+    as its session answers, stays connected: no reconnect, no new session."""
+    client = PresenceClient("victim", ["pal"], servers=[daemon.address], client_id="v-1")
+    statuses: list[str] = []
+    client.add_listener(lambda e: statuses.append(e.status) if isinstance(e, StatusEvent) else None)
+    await client.connect()
+    try:
+        session = client.session
+        assert client._transport is not None
+        address = client._transport.get_extra_info("sockname")[:2]
+        for _ in range(5):
+            forger.send(address, daemon.address, encode(Ping(os.urandom(16))))
+        await wait_for(lambda: client.spurious_unknown_session >= 1, what="the SDK checked")
+        assert (client.session, statuses) == (session, ["connected"])
+    finally:
+        await client.disconnect()

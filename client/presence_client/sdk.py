@@ -224,6 +224,10 @@ class PresenceClient:
         self._repair_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._heard = asyncio.Event()
+        self._pong = asyncio.Event()
+        self._check_task: asyncio.Task[None] | None = None
+        self.spurious_unknown_session = 0
+        """UNKNOWN_SESSION errors ignored because the session still answered PINGs."""
         self._redeclare = False
         self._names_in_flight: set[str] = set()
         self._list_changes = 0
@@ -284,7 +288,7 @@ class PresenceClient:
         never acknowledged (it then drops the session after its timeout).
         """
         self._closed = True
-        for task in (self._ping_task, self._repair_task, self._reconnect_task):
+        for task in (self._ping_task, self._repair_task, self._reconnect_task, self._check_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -644,6 +648,29 @@ class PresenceClient:
                 continue
         return False
 
+    def _check_session(self) -> None:
+        """Ping once (once at a time); reconnect unless a PONG comes within a probe
+        interval."""
+        if self._check_task is not None and not self._check_task.done():
+            return
+        self._check_task = asyncio.get_running_loop().create_task(self._verify_session())
+
+    async def _verify_session(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        low, high = PROBE_INTERVAL
+        self._pong.clear()
+        self._send_bytes(encode(Ping(session)))
+        try:
+            await asyncio.wait_for(self._pong.wait(), min(max(self.ping_interval / 4, low), high))
+        except TimeoutError:
+            if self.session == session:
+                self._start_reconnect(next_server=False)
+        else:
+            self.spurious_unknown_session += 1
+            log.info("ignored an UNKNOWN_SESSION: our session answers PINGs")
+
     def _on_unreachable(self) -> None:
         """ICMP port unreachable: fail the requests waiting on this server at once, and
         move a live session to the next server."""
@@ -694,6 +721,7 @@ class PresenceClient:
             return
         self._heard.set()
         if type(msg) is Pong:
+            self._pong.set()
             if msg.seq > self.last_seq:
                 self._schedule_repair()
         elif type(msg) is Notify:
@@ -710,9 +738,12 @@ class PresenceClient:
             and msg.code is ErrorCode.UNKNOWN_SESSION
             and msg.request not in self._pending
         ):
-            # The daemon forgot us (timeout, restart, our address changed): connect again.
+            # The daemon forgot us (timeout, restart, our address changed), or someone
+            # sent it a PING with a bad token from our address (anyone can: an ERROR
+            # carries no session). A PING of ours tells which: connect again unless it
+            # is answered with a PONG.
             if self.session is not None:
-                self._start_reconnect(next_server=False)
+                self._check_session()
         elif isinstance(msg, ConnectOk | DisconnectOk | FriendsOk | Error):
             future = self._pending.get(msg.request)
             if future is not None and not future.done():
