@@ -36,6 +36,8 @@ from presence_client.protocol import (
     Friends,
     FriendsOk,
     FriendsOp,
+    FriendState,
+    Message,
     Notify,
     Snapshot,
     SnapshotRequest,
@@ -43,6 +45,7 @@ from presence_client.protocol import (
     encode,
 )
 from presence_client.sdk import PresenceClient
+from presence_daemon.config import Config
 from presence_daemon.limits import (
     BucketTable,
     Limiter,
@@ -51,6 +54,8 @@ from presence_daemon.limits import (
     burst_for,
 )
 from presence_daemon.presence import Presence
+from presence_daemon.server import Server
+from presence_daemon.server import Session as ServerSession
 
 # ---------------------------------------------------------------------------
 # Pure: buckets on a manual clock.
@@ -499,3 +504,65 @@ async def test_a_flapping_friend_costs_each_watcher_a_bounded_number_of_notifies
     assert counters.get("notifications_coalesced", 0) + counters.get("notifications_held", 0) > 0, (
         counters
     )
+
+
+# ---------------------------------------------------------------------------
+# In memory: coalescing rules on a hand-driven clock (Server.notify, no datagrams).
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_coalescing_holds_the_newest_numbers_on_send_and_drops_for_ended_sessions(
+    redis_url: str,
+) -> None:
+    clock = Clock()
+    sent: list[Message] = []
+    library = Presence.from_url(redis_url)
+    server = Server(
+        Config(notify_coalesce=0.05),
+        library,
+        send=lambda data, addr: sent.append(decode(data)),
+        clock=clock,
+    )
+    try:
+        ann = ServerSession("ann-1", "ann", bytes(16), ("127.0.0.1", 9), clock.now, verified=True)
+        server._hold(ann)
+
+        def tell(name: str, online: bool, version: int) -> None:
+            server.notify("ann-1", ann.token_hex, FriendState(name, online, version))
+
+        tell("bob", True, 1)  # nothing sent about bob lately: at once
+        clock.now += 0.01
+        tell("bob", False, 2)  # within the window: held
+        tell("bob", True, 4)  # replaces it
+        tell("bob", False, 3)  # older than the held one: kept out
+        tell("cat", True, 1)  # another friend: its own window, sent at once
+        assert [(m.seq, m.friend) for m in sent if isinstance(m, Notify)] == [
+            (1, FriendState("bob", True, 1)),
+            (2, FriendState("cat", True, 1)),
+        ]
+        assert ann.seq == 2  # held ones are not numbered: no gap for a PONG to show
+        await wait_for(lambda: len(sent) == 3, what="the held state is sent")
+        assert sent[2] == Notify(3, FriendState("bob", True, 4))
+        # That send starts bob's window again; within it, an older state is never sent
+        # (later than a window, the client's version rule ignores it).
+        clock.now += 0.01
+        tell("bob", False, 2)
+        assert len(sent) == 3
+        assert server.counters["notifications_superseded"] == 1
+        # A state held for a session that then ends is dropped.
+        clock.now += 0.01
+        tell("bob", False, 5)
+        assert len(sent) == 3 and ann.held
+        server._drop(ann)
+        await wait_for(lambda: not ann.held, what="the held state is let go")
+        assert len(sent) == 3
+        assert server.counters["notifications_dropped_ended"] == 1
+    finally:
+        await library.close()

@@ -429,7 +429,12 @@ class Server:
             msg, session, addr, size
         ):
             return
-        self._enqueue(session.client_id, job, msg.request, addr, size)
+        if not self._enqueue(session.client_id, job, msg.request, addr, size) and (
+            type(msg) is SnapshotRequest
+        ):
+            # Refused after all (overload, stopping): it used up no interval.
+            session.snapshot_at = -math.inf
+            session.snapshot_request = -1
 
     def _over_limit(
         self, limiter: Limiter, user: str, request: int, addr: Address, size: int
@@ -476,17 +481,20 @@ class Server:
         session.snapshot_answer = ()
         return False
 
-    def _enqueue(self, client_id: str, job: Job, request: int, addr: Address, size: int) -> None:
+    def _enqueue(self, client_id: str, job: Job, request: int, addr: Address, size: int) -> bool:
+        """Queue ``job``; False if it was refused (TRY_AGAIN sent, counted)."""
         if self.stopping:
             self.counters["refused_stopping"] += 1
             self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
-            return
+            return False
         queue = self._queue_for(client_id)
         try:
             queue.put_nowait(job)
         except asyncio.QueueFull:
             self.counters["dropped_overload"] += 1
             self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+            return False
+        return True
 
     def _queue_for(self, client_id: str) -> asyncio.Queue[Job]:
         """The one queue all of a client's jobs go through, so they run in order."""
