@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import pytest_asyncio
@@ -45,7 +45,7 @@ from presence_client.protocol import (
     encode,
 )
 from presence_client.sdk import PresenceClient
-from presence_daemon.config import Config
+from presence_daemon.config import Config, ConfigError, config_from_args
 from presence_daemon.limits import (
     BucketTable,
     Limiter,
@@ -566,3 +566,36 @@ async def test_coalescing_holds_the_newest_numbers_on_send_and_drops_for_ended_s
         assert server.counters["notifications_dropped_ended"] == 1
     finally:
         await library.close()
+
+
+# ---------------------------------------------------------------------------
+# Config: the new settings, from flags and environment.
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("connect_rate", -1.0, "--connect-rate: invalid value -1.0"),
+        ("snapshot_rate_per_user", float("inf"), "--snapshot-rate-per-user: invalid value inf"),
+        ("friends_rate_per_address", 2e6, "--friends-rate-per-address: invalid value"),
+        ("snapshot_interval", float("nan"), "--snapshot-interval: invalid value nan"),
+        ("notify_coalesce", 61.0, "--notify-coalesce: invalid value 61.0"),
+    ],
+)
+def test_bad_limit_settings_are_refused_in_one_line(
+    setting: str, value: float, message: str
+) -> None:
+    settings: dict[str, Any] = {setting: value}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(**settings)
+
+
+def test_limit_settings_come_from_flags_and_environment() -> None:
+    config = config_from_args(
+        ["--connect-rate-per-user", "2.5", "--snapshot-interval", "0"],
+        {"PRESENCE_FRIENDS_RATE": "0", "PRESENCE_NOTIFY_COALESCE": "0.25"},
+    )
+    assert (config.connect_rate_per_user, config.snapshot_interval) == (2.5, 0.0)
+    assert (config.friends_rate, config.notify_coalesce) == (0.0, 0.25)
+    with pytest.raises(ConfigError, match=r"^PRESENCE_SNAPSHOT_RATE: invalid value 'fast'$"):
+        config_from_args([], {"PRESENCE_SNAPSHOT_RATE": "fast"})
