@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Final
 
 BUCKETS_PER_TABLE: Final = 16_384
-"""Most keys one table tracks. One bucket with its key and table entry is about 250
-bytes, so the six tables (three kinds, address and user scopes) stay under ~25 MB."""
+"""Most keys one table tracks. One bucket with its key and table entry is about 270
+bytes (measured with tracemalloc, IPv4 keys; a 64-character user name adds ~60), so the
+six tables (three kinds, address and user scopes) stay around 30 MB at worst."""
 
 SCOPES: Final = ("address", "user", "global")
 """Scope names, in the order they are checked (and named in counters)."""
