@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pytest
 
-from daemons import DaemonProcess
+from daemons import UNLIMITED, DaemonProcess
 from faults import RedisServer, TcpProxy, UdpRelay
 
 Address = tuple[str, int]
@@ -93,15 +93,26 @@ class Timings:
     @classmethod
     def choose(cls, fast: bool, bound: float | None = None) -> Timings:
         # DaemonProcess passes test timings unless told otherwise; None = daemon default.
+        # The request-rate limits too (the 20 clients share 127.0.0.1: within the bursts).
         flags: dict[str, str | None] = {
             "--ping-interval": None,
             "--timeout": None,
             "--sweep-interval": None,
             "--log-level": "info",
+            "--snapshot-interval": None,
+            "--notify-coalesce": None,
+            **dict.fromkeys(UNLIMITED, None),
         }
         if not fast:
             return cls(5.0, 15.0, 10.0, flags, bound)
-        flags |= {"--ping-interval": "0.5", "--timeout": "1.5", "--lease-ttl": "3"}
+        # Everything 10x faster, the snapshot interval and coalescing window included.
+        flags |= {
+            "--ping-interval": "0.5",
+            "--timeout": "1.5",
+            "--lease-ttl": "3",
+            "--snapshot-interval": "0.1",
+            "--notify-coalesce": "0.05",
+        }
         return cls(0.5, 1.5, 3.0, flags, bound)
 
     @property

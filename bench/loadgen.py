@@ -63,6 +63,13 @@ from presence_client.protocol import (
 BENCH_DIR: Final = Path(__file__).resolve().parent
 LOOPBACK: Final = "127.0.0.1"
 READY_PREFIX: Final = "presence-daemon listening on udp://"
+UNLIMITED: Final = [
+    arg
+    for kind in ("connect", "friends", "snapshot")
+    for scope in ("-per-address", "-per-user", "")
+    for arg in (f"--{kind}-rate{scope}", "0")
+]
+"""Flags that lift every request-rate limit."""
 PONG_TYPE: Final = 4
 """``t`` of a Pong; in ``{"v": 1, "t": 4, ...}`` it is byte 6 of the datagram."""
 
@@ -157,8 +164,11 @@ class Daemon:
         self.stderr.close()
 
 
-def start_daemon(redis_url: str, cpu: int | None, timeout: float = 30.0) -> Daemon:
-    """Start the real daemon on 127.0.0.1 (free port) against ``redis_url``, pinned."""
+def start_daemon(
+    redis_url: str, cpu: int | None, timeout: float = 30.0, *, limits: Sequence[str] = UNLIMITED
+) -> Daemon:
+    """Start the real daemon on 127.0.0.1 (free port) against ``redis_url``, pinned;
+    ``limits`` are its request-rate flags (default: none; () keeps the daemon's own)."""
     stderr = open(os.devnull, "w")  # noqa: SIM115 - closed by Daemon.stop
     args = [
         sys.executable,
@@ -176,6 +186,9 @@ def start_daemon(redis_url: str, cpu: int | None, timeout: float = 30.0) -> Daem
         "90",
         "--log-level",
         "warning",
+        # The benchmarks drive thousands of connects a second from one address: no
+        # request-rate limits unless asked (bench/forged_connects.py measures those).
+        *limits,
     ]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=stderr, text=True, preexec_fn=pinned(cpu)

@@ -54,6 +54,13 @@ STOP_TIMEOUT: Final = 10.0
 Address = tuple[str, int]
 M = TypeVar("M", bound=Message)
 
+UNLIMITED: Final[dict[str, str | None]] = {
+    f"--{kind}-rate{scope}": "0"
+    for kind in ("connect", "friends", "snapshot")
+    for scope in ("-per-address", "-per-user", "")
+}
+"""Flags that lift every request-rate limit."""
+
 
 # ---------------------------------------------------------------------------
 # Daemon processes.
@@ -95,6 +102,13 @@ class DaemonProcess:
             "--timeout": "0.6",
             "--sweep-interval": "0.05",
             "--log-level": "info",
+            # Scaled like the timings above (25x the defaults: ping 0.2 s, not 5 s).
+            "--snapshot-interval": "0.04",
+            "--notify-coalesce": "0.02",
+            # No request-rate limits: every test client sends from 127.0.0.1 (500 fail
+            # over at once), and hostile tests hammer one user. tests/test_limits.py
+            # sets them explicitly.
+            **UNLIMITED,
         }
         defaults.update(flags or {})
         self.args: list[str] = [sys.executable, "-m", "presence_daemon"]
@@ -348,10 +362,11 @@ class RawPeer:
         self._request = 1000
 
     @classmethod
-    async def open(cls, server: Address) -> RawPeer:
+    async def open(cls, server: Address, *, host: str = "127.0.0.1") -> RawPeer:
+        """A peer on ``host`` (any 127.x.y.z works on Linux: another source address)."""
         loop = asyncio.get_running_loop()
         transport, receiver = await loop.create_datagram_endpoint(
-            _Receiver, local_addr=("127.0.0.1", 0), remote_addr=server
+            _Receiver, local_addr=(host, 0), remote_addr=server
         )
         return cls(transport, receiver, server)
 

@@ -317,6 +317,25 @@ async def test_connect_without_a_valid_token_is_refused_and_costs_redis_nothing(
     assert spent <= 10, f"{spent} Redis commands during 6 refused CONNECTs (lease renewals only)"
 
 
+async def test_forged_connects_naming_a_user_do_not_use_up_its_rate_limit(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """With auth, a CONNECT is charged to its user only once its token proved who it
+    is: a flood of forged CONNECTs naming alice (refused UNAUTHORIZED) leaves alice's
+    own CONNECT within the per-user limit (1 a second here, burst 2)."""
+    flags = {**auth_flags(write_secret(tmp_path)), "--connect-rate-per-user": "1"}
+    daemon = daemon_factory("auth", flags=flags)
+    async with (
+        await RawPeer.open(daemon.address) as forger,
+        await RawPeer.open(daemon.address) as alice,
+    ):
+        for _ in range(10):
+            refused = await connect_raw(forger, "alice", "phone", number=1)
+            assert isinstance(refused, Error) and refused.code is ErrorCode.UNAUTHORIZED
+        ok = await connect_raw(alice, "alice", "phone", token=issue("alice"), number=2)
+        assert isinstance(ok, ConnectOk)
+
+
 async def test_valid_token_connects_and_the_sdk_asks_for_a_fresh_one_each_time(
     auth_daemon: DaemonProcess, store: redis.asyncio.Redis
 ) -> None:

@@ -25,6 +25,13 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 FRIEND_LISTS: Final = ("clients", "app")
 MIN_SECONDS: Final = 0.01
 MAX_SECONDS: Final = 86_400.0
+MAX_RATE: Final = 1_000_000.0
+RATE_FIELDS: Final = tuple(
+    f"{kind}_rate{scope}"
+    for kind in ("connect", "friends", "snapshot")
+    for scope in ("_per_address", "_per_user", "")
+)
+"""The request-rate settings (per second; 0 is unlimited)."""
 
 
 class ConfigError(ValueError):
@@ -87,6 +94,31 @@ class Config:
     """Who sets friend lists: 'clients' (a client declares and changes its own user's
     list) or 'app' (only the application, through the library: clients' lists in CONNECT
     are ignored and FRIENDS is refused FORBIDDEN)."""
+    connect_rate_per_address: float = 20.0
+    """CONNECTs admitted per second from one source address (an IPv6 /64); burst twice
+    that. 0: unlimited. Excess is answered TRY_AGAIN before it costs Redis anything."""
+    connect_rate_per_user: float = 5.0
+    """CONNECTs admitted per second naming one user; burst twice that. 0: unlimited."""
+    connect_rate: float = 1000.0
+    """CONNECTs admitted per second by this daemon; burst twice that. 0: unlimited."""
+    friends_rate_per_address: float = 20.0
+    """FRIENDS requests (a multi-part SET counts once) per second from one address."""
+    friends_rate_per_user: float = 5.0
+    """FRIENDS requests per second from one user's sessions."""
+    friends_rate: float = 1000.0
+    """FRIENDS requests per second, this daemon."""
+    snapshot_rate_per_address: float = 20.0
+    """SNAPSHOT_REQUESTs served per second to one address."""
+    snapshot_rate_per_user: float = 10.0
+    """SNAPSHOT_REQUESTs served per second to one user's sessions."""
+    snapshot_rate: float = 1000.0
+    """SNAPSHOT_REQUESTs served per second, this daemon."""
+    snapshot_interval: float = 1.0
+    """Seconds a session waits between two snapshots served to it (a request sooner gets
+    TRY_AGAIN); 0: no wait."""
+    notify_coalesce: float = 0.5
+    """Seconds within which notifications to one session about one friend are coalesced:
+    only the newest state is sent, at the end of the window. 0: never coalesce."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a port number 0-65535")
@@ -130,6 +162,23 @@ class Config:
         _check(1 <= self.workers <= 4096, "workers", self.workers, "an integer 1-4096")
         _check(1 <= self.queue_size <= 1_000_000, "queue-size", self.queue_size, "1-1000000")
         _check(1 <= self.max_friends <= 100_000, "max-friends", self.max_friends, "1-100000")
+        for name in RATE_FIELDS:
+            value = getattr(self, name)
+            _check(
+                math.isfinite(value) and 0 <= value <= MAX_RATE,
+                name.replace("_", "-"),
+                value,
+                f"requests per second from 0 (unlimited) to {MAX_RATE:g}",
+            )
+        for name, most in (("snapshot_interval", 3600.0), ("notify_coalesce", 60.0)):
+            value = getattr(self, name)
+            _check(
+                math.isfinite(value) and 0 <= value <= most,
+                name.replace("_", "-"),
+                value,
+                f"seconds from 0 (off) to {most:g}",
+            )
+
         _check(
             self.friend_lists in FRIEND_LISTS,
             "friend-lists",
@@ -193,6 +242,9 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "max_friends": int,
     "embedded_redis": _bool,
     "insecure_no_auth": _bool,
+    "snapshot_interval": float,
+    "notify_coalesce": float,
+    **dict.fromkeys(RATE_FIELDS, float),
 }
 
 
@@ -264,6 +316,21 @@ _FIELD_HELP: Final = {
     "port can be any user)",
     "friend_lists": "who sets friend lists: 'clients', or 'app' (only the application, "
     "through the library; clients' changes are refused)",
+    "connect_rate_per_address": "CONNECTs per second from one address (IPv6: one /64); "
+    "burst 2x; excess gets TRY_AGAIN; 0: unlimited",
+    "connect_rate_per_user": "CONNECTs per second naming one user; burst 2x; 0: unlimited",
+    "connect_rate": "CONNECTs per second, this daemon; burst 2x; 0: unlimited",
+    "friends_rate_per_address": "FRIENDS requests per second from one address; burst 2x; "
+    "0: unlimited",
+    "friends_rate_per_user": "FRIENDS requests per second of one user; burst 2x; 0: unlimited",
+    "friends_rate": "FRIENDS requests per second, this daemon; burst 2x; 0: unlimited",
+    "snapshot_rate_per_address": "SNAPSHOT_REQUESTs per second from one address; burst 2x; "
+    "0: unlimited",
+    "snapshot_rate_per_user": "SNAPSHOT_REQUESTs per second of one user; burst 2x; 0: unlimited",
+    "snapshot_rate": "SNAPSHOT_REQUESTs per second, this daemon; burst 2x; 0: unlimited",
+    "snapshot_interval": "seconds between two snapshots served to one session; 0: no wait",
+    "notify_coalesce": "seconds within which notifications about one friend to one session "
+    "are coalesced into the newest; 0: off",
 }
 
 

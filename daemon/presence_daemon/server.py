@@ -85,6 +85,7 @@ from presence_client.protocol import (
 from presence_daemon import keys
 from presence_daemon.auth import AuthError, Verifier
 from presence_daemon.config import Config
+from presence_daemon.limits import Limiter, address_key
 from presence_daemon.presence import (
     Delivery,
     Presence,
@@ -141,6 +142,19 @@ class Session:
     friend_parts: dict[int, tuple[str, ...]] | None = None
     """Parts of a multi-part friend SET received so far (only while one is pending)."""
     friend_request: int = -1
+    snapshot_at: float = -math.inf
+    """When this session was last admitted a snapshot (server clock)."""
+    snapshot_request: int = -1
+    """The request id of that snapshot."""
+    snapshot_answer: tuple[bytes, ...] = ()
+    """Its answer's datagrams, kept for one snapshot interval after it was sent."""
+    notified: collections.OrderedDict[str, tuple[float, int]] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+    """Friend name -> (when, version) of the last NOTIFY sent about it, oldest first;
+    entries older than the coalescing window are pruned as new ones are added."""
+    held: dict[str, FriendState] = dataclasses.field(default_factory=dict)
+    """The newest state of each friend whose NOTIFY waits for its window to end."""
 
     @property
     def token_hex(self) -> str:
@@ -198,6 +212,28 @@ class Server:
         self._stopped = False
         self.ping_interval_ms = round(config.ping_interval * 1000)
         self.timeout_ms = round(config.timeout * 1000)
+        now = clock()
+        self.connect_limits = Limiter(
+            "connect",
+            per_address=config.connect_rate_per_address,
+            per_user=config.connect_rate_per_user,
+            overall=config.connect_rate,
+            now=now,
+        )
+        self.friends_limits = Limiter(
+            "friends",
+            per_address=config.friends_rate_per_address,
+            per_user=config.friends_rate_per_user,
+            overall=config.friends_rate,
+            now=now,
+        )
+        self.snapshot_limits = Limiter(
+            "snapshot",
+            per_address=config.snapshot_rate_per_address,
+            per_user=config.snapshot_rate_per_user,
+            overall=config.snapshot_rate,
+            now=now,
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -332,8 +368,8 @@ class Server:
                 # it before it costs Redis anything (or lets a spoofed source log in).
                 self.counters["rejected_connect_too_small"] += 1
             elif type(msg) is Connect:
-                if not self._authenticate(msg, addr, len(data)):
-                    return
+                if not self._admit_connect(msg, addr, len(data)):
+                    return  # answered (TRY_AGAIN or UNAUTHORIZED) and counted
                 self._enqueue(
                     msg.client_id,
                     lambda: self._on_connect(msg, addr, len(data)),
@@ -448,19 +484,101 @@ class Server:
         else:
             assert type(msg) is SnapshotRequest
             job = lambda: self._on_snapshot(msg, session)  # noqa: E731
-        self._enqueue(session.client_id, job, msg.request, addr, size)
+        if isinstance(msg, Friends | SnapshotRequest) and self._session_over_limit(
+            msg, session, addr, size
+        ):
+            return
+        if not self._enqueue(session.client_id, job, msg.request, addr, size) and (
+            type(msg) is SnapshotRequest
+        ):
+            # Refused after all (overload, stopping): it used up no interval.
+            session.snapshot_at = -math.inf
+            session.snapshot_request = -1
 
-    def _enqueue(self, client_id: str, job: Job, request: int, addr: Address, size: int) -> None:
+    def _admit_connect(self, msg: Connect, addr: Address, size: int) -> bool:
+        """Limits and login token of a CONNECT, before it costs Redis anything. With
+        auth, the address and the daemon are charged before the token is checked (so a
+        flood of forged tokens is bounded) and the user only after (so forged CONNECTs
+        naming a user cannot lock it out)."""
+        limits = self.connect_limits
+        if self.verifier is None:
+            return not self._over_limit(limits, msg.user, msg.request, addr, size)
+        if self._over_limit(limits, None, msg.request, addr, size):
+            return False
+        if not self._authenticate(msg, addr, size):
+            return False
+        return not self._over_limit(
+            limits, msg.user, msg.request, addr, size, address=False, overall=False
+        )
+
+    def _over_limit(
+        self,
+        limiter: Limiter,
+        user: str | None,
+        request: int,
+        addr: Address,
+        size: int,
+        *,
+        address: bool = True,
+        overall: bool = True,
+    ) -> bool:
+        """Charge one request of ``limiter``'s kind to the address, the user and the
+        daemon (those asked for); if one of them is out of tokens, answer TRY_AGAIN (no
+        larger than the request), count it and return True."""
+        where = address_key(addr[0]) if address else None
+        scope = limiter.admit(where, user, self.clock(), overall=overall)
+        if scope is None:
+            return False
+        self.counters[f"rate_limited_{limiter.kind}_{scope}"] += 1
+        self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+        return True
+
+    def _session_over_limit(
+        self, msg: Friends | SnapshotRequest, session: Session, addr: Address, size: int
+    ) -> bool:
+        """The limits of a FRIENDS or SNAPSHOT_REQUEST of a known session (see
+        docs/design.md, *Limits*); True if it was refused."""
+        if type(msg) is Friends:
+            # A multi-part SET is one request: only part 0 is charged (the list is
+            # applied only once every part, part 0 included, has arrived).
+            return msg.part == 0 and self._over_limit(
+                self.friends_limits, session.user, msg.request, addr, size
+            )
+        now = self.clock()
+        if now - session.snapshot_at < self.config.snapshot_interval:
+            if msg.request == session.snapshot_request:
+                # The request served last, again: its answer was lost (send it again,
+                # from memory: Redis is not asked) or is still on its way (ignore this).
+                for data in session.snapshot_answer:
+                    self._send(data, session.address)
+                self.counters["datagrams_out"] += len(session.snapshot_answer)
+                replayed = "snapshots_replayed" if session.snapshot_answer else "snapshots_pending"
+                self.counters[replayed] += 1
+                return True
+            self.counters["rate_limited_snapshot_session"] += 1
+            self._reply(Error(msg.request, ErrorCode.TRY_AGAIN), addr, limit=size)
+            return True
+        if self._over_limit(self.snapshot_limits, session.user, msg.request, addr, size):
+            return True
+        session.snapshot_at = now
+        session.snapshot_request = msg.request
+        session.snapshot_answer = ()
+        return False
+
+    def _enqueue(self, client_id: str, job: Job, request: int, addr: Address, size: int) -> bool:
+        """Queue ``job``; False if it was refused (TRY_AGAIN sent, counted)."""
         if self.stopping:
             self.counters["refused_stopping"] += 1
             self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
-            return
+            return False
         queue = self._queue_for(client_id)
         try:
             queue.put_nowait(job)
         except asyncio.QueueFull:
             self.counters["dropped_overload"] += 1
             self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+            return False
+        return True
 
     def _queue_for(self, client_id: str) -> asyncio.Queue[Job]:
         """The one queue all of a client's jobs go through, so they run in order."""
@@ -703,10 +821,25 @@ class Server:
         empty = Snapshot(msg.request, 0, 1, seq, ())
         parts = split_friend_states(view, MAX_DATAGRAM - overhead(empty))
         self.counters["snapshots"] += 1
-        for index, states in enumerate(parts):
-            self._reply(
-                Snapshot(msg.request, index, len(parts), seq, tuple(states)), session.address
+        answer = tuple(
+            encode(Snapshot(msg.request, index, len(parts), seq, tuple(states)))
+            for index, states in enumerate(parts)
+        )
+        for data in answer:
+            self._send(data, session.address)
+        self.counters["datagrams_out"] += len(answer)
+        interval = self.config.snapshot_interval
+        if interval > 0 and session.snapshot_request == msg.request:
+            # Kept for one interval, to answer the same request again if this was lost.
+            session.snapshot_answer = answer
+            asyncio.get_running_loop().call_later(
+                interval, self._forget_snapshot_answer, session, answer
             )
+
+    @staticmethod
+    def _forget_snapshot_answer(session: Session, answer: tuple[bytes, ...]) -> None:
+        if session.snapshot_answer is answer:
+            session.snapshot_answer = ()
 
     # -- sessions ------------------------------------------------------------------
 
@@ -880,20 +1013,72 @@ class Server:
 
     def notify(self, client_id: str, token: str, friend: FriendState | None) -> None:
         """Number and send one notification to a client this daemon holds; with no
-        ``friend``, only number it: the gap makes the client fetch a snapshot."""
+        ``friend``, only number it: the gap makes the client fetch a snapshot.
+
+        A notification about a friend that this session was sent a NOTIFY about less
+        than ``notify_coalesce`` seconds ago is held instead: a newer one replaces it,
+        and only the newest is numbered and sent, when the window ends (a friend that
+        flaps costs each watcher one NOTIFY per window). A state no newer than what was
+        last sent or held about that friend is dropped: the client would ignore it.
+        """
         session = self.by_client.get(client_id)
         if session is None or session.token_hex != token:
             self.counters["notifications_stale"] += 1
             return
-        session.seq += 1
         if friend is None:
+            session.seq += 1
             self.counters["resyncs"] += 1
             return
         if not session.verified:
+            session.seq += 1
             self.counters["notifications_unverified"] += 1
             return
+        window = self.config.notify_coalesce
+        if window > 0:
+            held = session.held.get(friend.name)
+            if held is not None:
+                if friend.version > held.version:
+                    session.held[friend.name] = friend
+                self.counters["notifications_coalesced"] += 1
+                return
+            now = self.clock()
+            notified = session.notified
+            while notified and next(iter(notified.values()))[0] <= now - window:
+                notified.popitem(last=False)
+            last = notified.get(friend.name)
+            if last is not None:
+                sent_at, version = last
+                if friend.version <= version:
+                    self.counters["notifications_superseded"] += 1
+                    return
+                session.held[friend.name] = friend
+                self.counters["notifications_held"] += 1
+                asyncio.get_running_loop().call_later(
+                    max(sent_at + window - now, 0.0), self._flush_held, session, friend.name
+                )
+                return
+        self._send_notify(session, friend)
+
+    def _send_notify(self, session: Session, friend: FriendState) -> None:
+        """Number and send a NOTIFY (numbered only now: the sequence stays gap-free
+        over what is actually sent, so a held notification never shows as a gap)."""
+        session.seq += 1
         self.counters["notifications"] += 1
         self._reply(Notify(session.seq, friend), session.address)
+        if self.config.notify_coalesce > 0:
+            session.notified[friend.name] = (self.clock(), friend.version)
+            session.notified.move_to_end(friend.name)
+
+    def _flush_held(self, session: Session, name: str) -> None:
+        """The coalescing window of ``name`` at ``session`` ended: send the newest state
+        held, unless the session ended meanwhile (then it is dropped)."""
+        friend = session.held.pop(name, None)
+        if friend is None:
+            return
+        if self._stopped or session.closing or self.by_token.get(session.token) is not session:
+            self.counters["notifications_dropped_ended"] += 1
+            return
+        self._send_notify(session, friend)
 
     async def _listen_inbox(self) -> None:
         """Receive notifications other daemons hand over for our clients."""
