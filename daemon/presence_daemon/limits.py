@@ -31,7 +31,10 @@ import ipaddress
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from presence_daemon.config import Config
 
 BUCKETS_PER_TABLE: Final = 16_384
 """Most keys one table tracks. One bucket with its key and table entry is about 270
@@ -150,6 +153,19 @@ class Limiter:
         self.by_address = BucketTable(per_address, capacity=capacity) if per_address else None
         self.by_user = BucketTable(per_user, capacity=capacity) if per_user else None
         self.overall = TokenBucket.full(overall, burst_for(overall), now) if overall else None
+
+    @classmethod
+    def from_config(cls, kind: str, config: Config, now: float) -> Limiter:
+        """The limiter of ``kind`` ("connect", "friends", "snapshot") from the
+        daemon's ``<kind>_rate_per_address``, ``<kind>_rate_per_user`` and
+        ``<kind>_rate`` settings."""
+        return cls(
+            kind,
+            per_address=getattr(config, f"{kind}_rate_per_address"),
+            per_user=getattr(config, f"{kind}_rate_per_user"),
+            overall=getattr(config, f"{kind}_rate"),
+            now=now,
+        )
 
     def admit(
         self, address: str | None, user: str | None, now: float, *, overall: bool = True

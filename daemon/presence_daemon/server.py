@@ -213,27 +213,9 @@ class Server:
         self.ping_interval_ms = round(config.ping_interval * 1000)
         self.timeout_ms = round(config.timeout * 1000)
         now = clock()
-        self.connect_limits = Limiter(
-            "connect",
-            per_address=config.connect_rate_per_address,
-            per_user=config.connect_rate_per_user,
-            overall=config.connect_rate,
-            now=now,
-        )
-        self.friends_limits = Limiter(
-            "friends",
-            per_address=config.friends_rate_per_address,
-            per_user=config.friends_rate_per_user,
-            overall=config.friends_rate,
-            now=now,
-        )
-        self.snapshot_limits = Limiter(
-            "snapshot",
-            per_address=config.snapshot_rate_per_address,
-            per_user=config.snapshot_rate_per_user,
-            overall=config.snapshot_rate,
-            now=now,
-        )
+        self.connect_limits = Limiter.from_config("connect", config, now)
+        self.friends_limits = Limiter.from_config("friends", config, now)
+        self.snapshot_limits = Limiter.from_config("snapshot", config, now)
 
     # -- lifecycle -----------------------------------------------------------------
 
