@@ -652,23 +652,21 @@ class Server:
         """Put a new session into Redis. Without a proof (login token, previous session
         token) it may replace the client id's session there only if that one is dead:
         its owner's lease is gone, or this daemon holds it and it timed out."""
-        proof = self._proof(msg)
-        for attempt in range(2):
-            try:
-                await self.presence.connected(
-                    msg.client_id,
-                    msg.user,
-                    friends=friends,
-                    address=f"{addr[0]}:{addr[1]}",
-                    token=session.token_hex,
-                    number=msg.counter,
-                    proof=proof,
-                )
-                return
-            except SessionInUse as exc:
-                if attempt or not await self._session_dead(exc):
-                    raise
-                proof = None
+        connect = functools.partial(
+            self.presence.connected,
+            msg.client_id,
+            msg.user,
+            friends=friends,
+            address=f"{addr[0]}:{addr[1]}",
+            token=session.token_hex,
+            number=msg.counter,
+        )
+        try:
+            await connect(proof=self._proof(msg))
+        except SessionInUse as exc:
+            if not await self._session_dead(exc):
+                raise
+            await connect(proof=None)  # the daemon vouches: that session is over
 
     async def _session_dead(self, in_use: SessionInUse) -> bool:
         """True if the session in the way has ended in all but Redis: held by a dead
