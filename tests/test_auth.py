@@ -56,6 +56,7 @@ from presence_client.protocol import (
 from presence_client.sdk import PresenceClient, PresenceClientError
 from presence_daemon import auth, keys
 from presence_daemon.config import Config, ConfigError, config_from_args
+from presence_daemon.presence import Presence
 
 # ---------------------------------------------------------------------------
 # The verifier alone.
@@ -457,6 +458,30 @@ async def test_connect_without_proof_succeeds_once_the_old_session_timed_out(
 
         await wait_for(gone, 10.0, what="the silent old session times out")
         assert isinstance(await connect_raw(new, "alice", "phone", number=3), ConnectOk)
+
+
+async def test_connect_without_proof_replaces_a_session_whose_owner_is_dead(
+    daemon_factory: DaemonFactory, redis_url: str, store: redis.asyncio.Redis
+) -> None:
+    """Without auth and without ``ps``, a session held by another owner is replaced only
+    once that owner is dead (its lease gone), even before a survivor reaped it: the
+    daemon reaps nobody in its first lease TTL (10 s here), so the entry is still there."""
+    daemon = daemon_factory("d1")
+    other = Presence.from_url(redis_url, instance_id="other")
+    await other.start()
+    closed = False
+    try:
+        await other.connected("phone", "alice")
+        async with await RawPeer.open(daemon.address) as peer:
+            refused = await connect_raw(peer, "alice", "phone", number=1)
+            assert isinstance(refused, Error) and refused.code is ErrorCode.CLIENT_ID_IN_USE
+            await other.close()  # gives up its lease and leaves its entry behind
+            closed = True
+            assert await store.hexists(keys.clients_key("alice"), "phone")
+            assert isinstance(await connect_raw(peer, "alice", "phone", number=2), ConnectOk)
+    finally:
+        if not closed:
+            await other.close()
 
 
 async def test_replayed_connect_after_disconnect_changes_nothing(
