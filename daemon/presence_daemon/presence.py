@@ -79,6 +79,7 @@ from presence_client.protocol import (
     check_name,
 )
 from presence_daemon import keys
+from presence_daemon.batch import Batcher
 from presence_daemon.scripts import Call, Scripts
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,17 @@ class Connection:
     new_entry: bool = True
     """True if the client id had no entry before (for a restore: it had been removed, so
     the session missed whatever was told while it was gone)."""
+    view: list[FriendState] | None = None
+    """With ``view=True``: how each declared friend looks to the user, as
+    :meth:`Presence.friend_view` answers, read after the connect (None if that read
+    failed: the connect itself stands)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """A connect's request for the friend view (see ``Presence.connected``)."""
+
+    before: Callable[[], object] | None
 
 
 @dataclass(slots=True)
@@ -372,6 +384,9 @@ class Presence:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        self.io = Batcher(redis)
+        """The hot paths' commands go through it: those of one event-loop tick leave as
+        one pipeline (see batch.py)."""
         self.instance_id = instance_id or f"lib-{secrets.token_hex(4)}"
         self.max_friends = max_friends
         self.deliver: Deliver = deliver or self.publish
@@ -451,6 +466,7 @@ class Presence:
             _, pending = await asyncio.wait(set(self._retries), timeout=CLOSE_GRACE)
             for task in pending:
                 task.cancel()
+        await self.io.close()
         if self.lease_ttl is not None and self._lease_token:
             try:
                 await self._give_up_lease()
@@ -777,6 +793,8 @@ class Presence:
         restore: bool = False,
         number: int = 0,
         proof: str | None = None,
+        view: bool = False,
+        before_view: Callable[[], object] | None = None,
     ) -> Connection:
         """Mark ``client_id`` of ``user`` connected (idempotent per session).
 
@@ -792,6 +810,11 @@ class Presence:
         verified a login token for ``user``), or the token of the session it replaces
         ('' for none: then a live session of another token raises
         PresenceError(CLIENT_ID_IN_USE) with nothing changed).
+
+        With ``view``, the answer carries the user's friend view (``Connection.view``),
+        read in the same pass as the reads that tell the user's mutual friends (one read
+        per friend instead of two); ``before_view`` is called just before that read is
+        sent (a daemon notes there which notifications the view may already include).
 
         Raises PresenceError(CLIENT_ID_IN_USE) if the client id is connected for another
         user, PresenceError(INVALID_NAME) or (TOO_MANY_FRIENDS) for bad arguments, and
@@ -810,8 +833,11 @@ class Presence:
             raise ValueError(f"a connect number is 0 to {MAX_COUNTER}")
         token = token or secrets.token_hex(16)
         admission = _Admission(number, "*" if proof is None else proof)
+        want = _View(before_view) if view else None
         async with self._in_order(client_id):
-            return await self._connect(client_id, user, friends, address, token, restore, admission)
+            return await self._connect(
+                client_id, user, friends, address, token, restore, admission, want
+            )
 
     async def _connect(
         self,
@@ -822,6 +848,7 @@ class Presence:
         token: str,
         restore: bool,
         admission: _Admission,
+        want: _View | None = None,
     ) -> Connection:
         if admission.number or admission.proof != "*":
             # Checked before anything is written (binding, friend list): a replayed or
@@ -833,26 +860,29 @@ class Presence:
                 raise _refusal(status, client_id, previous)
         member = keys.owned_member(user, client_id, token)
         owned = keys.owned_key(self.instance_id)
-        # Recorded before the entry exists, so a survivor can reap it if we die after.
-        await self.redis.sadd(owned, member)
+        # Recorded before the entry exists (in the same pipeline as the claim, which
+        # runs after it), so a survivor can reap the entry if we die after writing it.
+        sadd = self.io.execute_command("SADD", owned, member)
         entry_may_exist = False
         try:
             unbound = False
             if restore:
                 # Bound to another user meanwhile: the session is not ours to put back.
                 # (Bound to another session of ours: connect.lua decides which is newer.)
-                holder = await self.redis.get(keys.client_key(client_id))
+                _, holder = await asyncio.gather(
+                    sadd, self.io.execute_command("GET", keys.client_key(client_id))
+                )
                 if holder is not None and _text(holder).split("|", 1)[0] != user:
                     raise Superseded(client_id)
                 unbound = holder is None
             else:
-                await self._claim(client_id, user, token)
+                await asyncio.gather(sadd, self._claim(client_id, user, token))
             if friends is not None:
                 await self._change_friends(user, "set", friends, origin=client_id)
             entry_may_exist = True
             mode = "restore" if restore else "connect"
-            status, went_online, version, previous, pending = await self._run_connect(
-                client_id, user, address, token, mode, admission
+            status, went_online, version, previous, pending, *declared = await self._run_connect(
+                client_id, user, address, token, mode, admission, view=want is not None
             )
             if status != 1:
                 entry_may_exist = False  # refused: the script wrote nothing
@@ -863,7 +893,7 @@ class Presence:
             # a transition it may have decided is told once Redis answers again.
             if not entry_may_exist:
                 with contextlib.suppress(RedisError, OSError):
-                    await self.redis.srem(owned, member)
+                    await self.io.execute_command("SREM", owned, member)
             elif isinstance(exc, RedisError | OSError):
                 self._settle_later(user)
             raise
@@ -874,29 +904,42 @@ class Presence:
         # over before our entry landed; the binding decides, and the loser undoes its
         # entry. A restore whose binding is gone (a reaper released it) binds again.
         bound: Any = None
+        commands: list[tuple[Any, ...]] = []
+        old_token, old_owner, _ = _entry(previous) if previous else (token, "", "")
+        if old_token != token:  # (the same session again keeps its member)
+            old_member = keys.owned_member(user, client_id, old_token)
+            commands.append(("SREM", keys.owned_key(old_owner), old_member))
+            if old_owner != self.instance_id:
+                message = json.dumps([[client_id, old_token]], separators=(",", ":"))
+                commands.append(("PUBLISH", keys.inbox_channel(old_owner), message))
+        claim_call: Call | None = None
+        if not restore:
+            commands.append(("GET", keys.client_key(client_id)))
+        elif unbound:
+            claim_call = ("claim", [keys.client_key(client_id)], self._claim_args(user, token))
+        # The view's reads (which carry the routes the tell needs) go in the same
+        # pipeline as this bookkeeping.
+        cleanup = asyncio.gather(
+            self.io.execute_many(commands),
+            self.scripts.call_many(self.io, [claim_call] if claim_call else []),
+        )
+        view: list[FriendState] | None = None
+        routes: dict[str, Any] = {}
+        if want is not None and declared:
+            view, routes = await self._peek_all(user, declared[0], want.before)
+        await self._tell(user, pending, decided=bool(went_online), routes=routes)
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            old_token, old_owner, _ = _entry(previous) if previous else (token, "", "")
-            if old_token != token:  # (the same session again keeps its member)
-                old_member = keys.owned_member(user, client_id, old_token)
-                pipe.srem(keys.owned_key(old_owner), old_member)
-                if old_owner != self.instance_id:
-                    message = json.dumps([[client_id, old_token]], separators=(",", ":"))
-                    pipe.publish(keys.inbox_channel(old_owner), message)
-            if not restore:
-                pipe.get(keys.client_key(client_id))
-            elif unbound:
-                claim = self._claim_args(user, token)
-                self.scripts.queue(pipe, "claim", [keys.client_key(client_id)], claim)
-            results = await pipe.execute() if len(pipe) else []
+            results, claimed = await cleanup
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
             if not restore:
                 bound = results[-1]
-            elif unbound and results[-1]:
-                bound = results[-1]  # claim.lua answers the other user's binding
+            elif claimed and claimed[0]:
+                bound = claimed[0]  # claim.lua answers the other user's binding
         except (RedisError, OSError) as exc:
             self.cleanup_failures += 1
             log.warning("after connecting %s: %s", client_id, exc)
-        await self._tell(user, pending, decided=bool(went_online))
         if bound is not None and _text(bound).split("|", 1)[0] != user:
             await self._disconnect(client_id, user, token)
             if restore:
@@ -904,7 +947,28 @@ class Presence:
             raise PresenceError(
                 ErrorCode.CLIENT_ID_IN_USE, f"client id {client_id!r} is connected for another user"
             )
-        return Connection(token, bool(went_online), int(version), new_entry=not previous)
+        return Connection(token, bool(went_online), int(version), new_entry=not previous, view=view)
+
+    async def _peek_all(
+        self, user: str, declared: Iterable[Any], before: Callable[[], object] | None
+    ) -> tuple[list[FriendState] | None, dict[str, Any]]:
+        """The friend view of ``user`` and, for each friend, its clients (routes)."""
+        names = sorted(_text(name) for name in declared)
+        now = self._now_ms()
+        if before is not None:
+            before()
+        calls: list[Call] = [("peek", keys.user_keys(name), [user, now, 1]) for name in names]
+        try:
+            results = await self.scripts.call_many(self.io, calls)
+        except (RedisError, OSError) as exc:
+            log.warning("reading the friend view of %s: %s", user, exc)
+            return None, {}
+        view = []
+        routes = {}
+        for name, (visible, version, flat) in zip(names, results, strict=True):
+            view.append(FriendState(name, bool(visible), int(version)))
+            routes[name] = dict(zip(flat[::2], flat[1::2], strict=True))
+        return view, routes
 
     def _claim_args(self, user: str, token: str, stale: str = "") -> list[str | int]:
         """ARGV of claim.lua (see its header)."""
@@ -918,10 +982,12 @@ class Presence:
         token: str,
         mode: str,
         admission: _Admission,
+        *,
+        view: bool = False,
     ) -> list[Any]:
         """Run connect.lua once (see its header for the answer)."""
         result: list[Any] = await self.scripts.call(
-            self.redis,
+            self.io,
             "connect",
             [*keys.user_keys(user), keys.connect_number_key(user, client_id)],
             [
@@ -933,6 +999,7 @@ class Presence:
                 round(OUTBOX_GRACE * 1000),
                 admission.number,
                 admission.proof,
+                "1" if view else "0",
             ],
         )
         return result
@@ -941,7 +1008,7 @@ class Presence:
         """Run claim.lua once; '' if the client id is now bound to us, else the holder."""
         key = keys.client_key(client_id)
         args = self._claim_args(user, token, stale)
-        return _text(await self.scripts.call(self.redis, "claim", [key], args))
+        return _text(await self.scripts.call(self.io, "claim", [key], args))
 
     async def _claim(self, client_id: str, user: str, token: str) -> None:
         holder = await self._claim_once(client_id, user, token)
@@ -987,7 +1054,7 @@ class Presence:
     async def _disconnect(self, client_id: str, user: str, token: str | None) -> bool:
         try:
             removed, went_offline, _, entry, pending = await self.scripts.call(
-                self.redis,
+                self.io,
                 "disconnect",
                 [*keys.user_keys(user), keys.connect_number_key(user, client_id)],
                 [client_id, token or "", self._now_ms(), round(OUTBOX_GRACE * 1000)],
@@ -1005,27 +1072,27 @@ class Presence:
         # behind is harmless (see cleanup_failures).
         ended_token, owner, _ = _entry(entry)
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            self.scripts.queue(
-                pipe, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
+            srem = ("SREM", keys.owned_key(owner), keys.owned_member(user, client_id, ended_token))
+            await asyncio.gather(
+                self.scripts.call(
+                    self.io, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
+                ),
+                self.io.execute_command(*srem),
             )
-            pipe.srem(keys.owned_key(owner), keys.owned_member(user, client_id, ended_token))
-            released, _ = await pipe.execute(raise_on_error=False)
-            if isinstance(released, NoScriptError):
-                await self.scripts.call(
-                    self.redis, "release", [keys.client_key(client_id)], [f"{user}|{ended_token}"]
-                )
         except (RedisError, OSError) as exc:
             self.cleanup_failures += 1
             log.warning("after disconnecting %s: %s", client_id, exc)
         return True
 
-    async def _tell(self, user: str, pending: Any, *, decided: bool) -> None:
+    async def _tell(
+        self, user: str, pending: Any, *, decided: bool, routes: dict[str, Any] | None = None
+    ) -> None:
         """Tell a transition from the user's outbox to every mutual friend, then confirm.
 
         ``pending`` is a script's ``{online, version, mutual...}`` (empty: nothing to
         tell); ``decided`` says this call decided it (else it is told again, having
-        been decided earlier by a call that did not confirm it).
+        been decided earlier by a call that did not confirm it). ``routes`` holds the
+        clients of some friends, read after the decision (those need no second read).
         """
         if not pending:
             return
@@ -1038,6 +1105,7 @@ class Presence:
         await self._fan_out(
             [(_text(name), state) for name in pending[3:]],
             confirm=("told", [keys.pending_key(user)], [f"{int(online)}|{version}|{since}"]),
+            routes=routes,
         )
 
     def _settle_later(self, user: str) -> None:
@@ -1053,7 +1121,7 @@ class Presence:
                 try:
                     # Grace 0: we waited it out; a clock stepped back must not hide it.
                     pending = await self.scripts.call(
-                        self.redis, "settle", keys.user_keys(user), [self._now_ms(), 0]
+                        self.io, "settle", keys.user_keys(user), [self._now_ms(), 0]
                     )
                 except (RedisConnectionError, RedisTimeoutError, OSError):
                     delay = FAN_OUT_RETRY_DELAYS[-1]
@@ -1072,6 +1140,7 @@ class Presence:
         *,
         confirm: Call | None = None,
         origin: str | None = None,
+        routes: dict[str, Any] | None = None,
     ) -> None:
         """Deliver a decided change to every client of each target user; then run the
         ``confirm`` script call, which empties the outbox entry that recorded it.
@@ -1082,7 +1151,7 @@ class Presence:
         told again by the next call that touches the user.)
         """
         try:
-            await self._deliver_and_confirm(targets, confirm, origin)
+            await self._deliver_and_confirm(targets, confirm, origin, routes)
         except (RedisError, OSError) as exc:
             self.fan_out_failures += 1
             log.warning("fan-out failed (%s); retrying in the background", exc)
@@ -1093,15 +1162,16 @@ class Presence:
         targets: list[tuple[str, FriendState | None]],
         confirm: Call | None,
         origin: str | None,
+        routes: dict[str, Any] | None = None,
     ) -> None:
         if targets:
-            deliveries = await self._deliveries(targets)
+            deliveries = await self._deliveries(targets, routes or {})
             # The client that made a list change knows it: no snapshot for it.
             await self.deliver(
                 [d for d in deliveries if d.friend is not None or d.client_id != origin]
             )
         if confirm is not None:
-            await self.scripts.call(self.redis, *confirm)
+            await self.scripts.call(self.io, *confirm)
 
     async def _fan_out_retry(
         self,
@@ -1121,14 +1191,19 @@ class Presence:
                 continue
 
     async def _deliveries(
-        self, targets: Sequence[tuple[str, FriendState | None]]
+        self, targets: Sequence[tuple[str, FriendState | None]], routes: dict[str, Any]
     ) -> list[Delivery]:
-        """Read the clients of each target user; one Delivery per client."""
-        pipe = self.redis.pipeline(transaction=False)
-        for user, _ in targets:
-            pipe.hgetall(keys.clients_key(user))
+        """Read the clients of each target user (unless ``routes`` has them, read after
+        the change was decided); one Delivery per client."""
+        unknown = sorted({user for user, _ in targets if user not in routes})
+        if unknown:
+            read = await self.io.execute_many([("HGETALL", keys.clients_key(u)) for u in unknown])
+            routes = {**routes, **dict(zip(unknown, read, strict=True))}
         deliveries = []
-        for (_, state), clients in zip(targets, await pipe.execute(), strict=True):
+        for user, state in targets:
+            clients = routes[user]
+            if isinstance(clients, Exception):
+                raise clients
             for client_id, value in clients.items():
                 token, owner, _ = _entry(value)
                 deliveries.append(Delivery(owner, _text(client_id), token, state))
@@ -1146,10 +1221,15 @@ class Presence:
             )
         if not by_owner:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for owner, items in by_owner.items():
-            pipe.publish(keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
-        await pipe.execute()
+        results = await self.io.execute_many(
+            [
+                ("PUBLISH", keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
+                for owner, items in by_owner.items()
+            ]
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
 
     # -- reading -------------------------------------------------------------------
 
@@ -1172,7 +1252,8 @@ class Presence:
 
     async def friends(self, user: str) -> set[str]:
         """The names ``user`` declared as friends."""
-        return {_text(name) for name in await self.redis.smembers(keys.friends_key(user))}
+        names = await self.io.execute_command("SMEMBERS", keys.friends_key(user))
+        return {_text(name) for name in names}
 
     async def friend_view(self, user: str) -> list[FriendState]:
         """How each declared friend of ``user`` looks to it, sorted by name.
@@ -1182,7 +1263,7 @@ class Presence:
         names = sorted(await self.friends(user))
         now = self._now_ms()
         calls: list[Call] = [("peek", keys.user_keys(name), [user, now]) for name in names]
-        results = await self.scripts.call_many(self.redis, calls)
+        results = await self.scripts.call_many(self.io, calls)
         return [
             FriendState(name, bool(visible), int(version))
             for name, (visible, version) in zip(names, results, strict=True)
@@ -1247,7 +1328,7 @@ class Presence:
         wanted = self._check_friends(names) if op != "remove" else _names(names)
         session = f"{origin}|{token}" if origin is not None and token is not None else ""
         status, version, online, flat = await self.scripts.call(
-            self.redis,
+            self.io,
             "friends",
             [*keys.user_keys(user), keys.reindex_key(user)],
             [user, op, self.max_friends, self._now_ms(), session, *wanted],
@@ -1266,7 +1347,7 @@ class Presence:
             ("fans", keys.user_keys(name), ["add" if added else "remove", user, self._now_ms()])
             for name, added, _ in changes
         ]
-        results = await self.scripts.call_many(self.redis, calls)
+        results = await self.scripts.call_many(self.io, calls)
         # Only a pair that is mutual before or after the change sees anything, and an
         # offline party looks the same before and after, so nothing is sent about it.
         # Mutual before/after is known from the friend's side (``visible``, read after

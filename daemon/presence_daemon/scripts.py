@@ -4,7 +4,9 @@ Each script is a ``.lua`` file in this package's ``lua/`` folder and opens with 
 contract (KEYS, ARGV, return value). :meth:`Scripts.load` sends every script with
 ``SCRIPT LOAD`` so a syntax error fails at boot, not on first use. Calls go out as
 ``EVALSHA``; after ``NOSCRIPT`` (Redis restarted or flushed its script cache) the
-scripts are loaded again and only the failed calls are retried.
+scripts are loaded again and only the failed calls are retried. Calls may go through a
+:class:`~presence_daemon.batch.Batcher` (the library's hot paths do) or straight to a
+client.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from presence_daemon.batch import Batcher
 
 SCRIPT_NAMES: Final = (
     "connect",
@@ -49,7 +53,7 @@ class Scripts:
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in self.source.items()
         }
 
-    async def load(self, redis: Redis) -> None:
+    async def load(self, redis: Redis | Batcher) -> None:
         """SCRIPT LOAD every script; raises redis.ResponseError on a script that is broken."""
         for name, text in self.source.items():
             sha = await redis.script_load(text)
@@ -57,20 +61,21 @@ class Scripts:
                 raise RuntimeError(f"Redis returned SHA {sha} for {name}.lua")
 
     async def call(
-        self, redis: Redis, name: str, keys: Sequence[str], args: Sequence[str | int]
+        self, redis: Redis | Batcher, name: str, keys: Sequence[str], args: Sequence[str | int]
     ) -> Any:
         """Run one script; reload the cache and retry once on NOSCRIPT."""
+        command = ("EVALSHA", self.sha[name], len(keys), *keys, *args)
         try:
-            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+            return await redis.execute_command(*command)
         except NoScriptError:
             await self.load(redis)
-            return await redis.evalsha(self.sha[name], len(keys), *keys, *args)
+            return await redis.execute_command(*command)
 
     def queue(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[str | int]) -> None:
         """Add one script call to a pipeline (its result may be a NoScriptError)."""
         pipe.evalsha(self.sha[name], len(keys), *keys, *args)
 
-    async def call_many(self, redis: Redis, calls: Sequence[Call]) -> list[Any]:
+    async def call_many(self, redis: Redis | Batcher, calls: Sequence[Call]) -> list[Any]:
         """Run many script calls in one pipeline (no transaction), results in order.
 
         Calls in a batch may touch different hash tags; each script stays atomic on its
@@ -90,7 +95,11 @@ class Scripts:
                 raise result
         return results
 
-    async def _pipeline(self, redis: Redis, calls: Sequence[Call]) -> list[Any]:
+    async def _pipeline(self, redis: Redis | Batcher, calls: Sequence[Call]) -> list[Any]:
+        if isinstance(redis, Batcher):
+            return await redis.execute_many(
+                [("EVALSHA", self.sha[name], len(keys), *keys, *args) for name, keys, args in calls]
+            )
         pipe = redis.pipeline(transaction=False)
         for name, keys, args in calls:
             pipe.evalsha(self.sha[name], len(keys), *keys, *args)

@@ -87,6 +87,7 @@ from presence_daemon.auth import AuthError, Verifier
 from presence_daemon.config import Config
 from presence_daemon.limits import Limiter, address_key
 from presence_daemon.presence import (
+    Connection,
     Delivery,
     Presence,
     PresenceError,
@@ -125,6 +126,21 @@ def _token_bytes(token: str) -> bytes:
         return bytes.fromhex(token)
     except ValueError:
         return b""
+
+
+class _SeqMark:
+    """Notes a session's sequence number when its first friend view is read: the
+    CONNECT_OK carries it, so a notification numbered during the read is a gap the
+    client sees (and repairs), not one hidden inside the reply's `q`."""
+
+    __slots__ = ("seq", "session")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.seq: int | None = None
+
+    def __call__(self) -> None:
+        self.seq = self.session.seq
 
 
 @dataclass(slots=True, eq=False)
@@ -600,8 +616,9 @@ class Server:
             # A retried connect (its reply was lost): same session, same answer, once
             # Redis confirms the session is still this one (it may have been replaced
             # through another daemon, or lost with Redis's data: then put it back).
+            mark = _SeqMark(existing)
             try:
-                await self.presence.connected(
+                done = await self.presence.connected(
                     msg.client_id,
                     msg.user,
                     friends=friends,
@@ -609,6 +626,8 @@ class Server:
                     token=existing.token_hex,
                     restore=True,
                     number=msg.counter,
+                    view=True,
+                    before_view=mark,
                 )
             except Superseded:
                 self._drop(existing)  # a newer session elsewhere: this request starts anew
@@ -618,7 +637,7 @@ class Server:
                 return
             else:
                 self.counters["connects_repeated"] += 1
-                await self._send_connect_ok(msg, existing, addr, size)
+                await self._send_connect_ok(msg, existing, addr, size, done.view, mark.seq)
                 return
         session = Session(
             client_id=msg.client_id,
@@ -630,8 +649,9 @@ class Server:
         # Hold the session before Redis knows it, so a notification decided meanwhile
         # finds it (it is numbered; the client repairs what it missed by snapshot).
         self._hold(session)
+        mark = _SeqMark(session)
         try:
-            await self._connect_new(msg, session, friends, addr)
+            done = await self._connect_new(msg, session, friends, addr, mark)
         except (PresenceError, RedisError, OSError) as exc:
             self._drop(session)
             if existing is not None and existing.token in self.by_token:
@@ -644,11 +664,16 @@ class Server:
             self._drop(existing)
             self.counters["sessions_replaced"] += 1
         self.counters["connects"] += 1
-        await self._send_connect_ok(msg, session, addr, size)
+        await self._send_connect_ok(msg, session, addr, size, done.view, mark.seq)
 
     async def _connect_new(
-        self, msg: Connect, session: Session, friends: tuple[str, ...] | None, addr: Address
-    ) -> None:
+        self,
+        msg: Connect,
+        session: Session,
+        friends: tuple[str, ...] | None,
+        addr: Address,
+        mark: _SeqMark,
+    ) -> Connection:
         """Put a new session into Redis. Without a proof (login token, previous session
         token) it may replace the client id's session there only if that one is dead:
         its owner's lease is gone, or this daemon holds it and it timed out."""
@@ -660,13 +685,15 @@ class Server:
             address=f"{addr[0]}:{addr[1]}",
             token=session.token_hex,
             number=msg.counter,
+            view=True,
+            before_view=mark,
         )
         try:
-            await connect(proof=self._proof(msg))
+            return await connect(proof=self._proof(msg))
         except SessionInUse as exc:
             if not await self._session_dead(exc):
                 raise
-            await connect(proof=None)  # the daemon vouches: that session is over
+            return await connect(proof=None)  # the daemon vouches: that session is over
 
     async def _session_dead(self, in_use: SessionInUse) -> bool:
         """True if the session in the way has ended in all but Redis: held by a dead
@@ -691,19 +718,27 @@ class Server:
         self._reply(Error(request, code), addr, limit=size)
 
     async def _send_connect_ok(
-        self, msg: Connect, session: Session, addr: Address, size: int
+        self,
+        msg: Connect,
+        session: Session,
+        addr: Address,
+        size: int,
+        view: list[FriendState] | None,
+        seq: int | None,
     ) -> None:
-        # Taken before the read: a notification numbered while we read is then a gap
-        # the client sees (and repairs), not one hidden inside the reply's `q`.
-        seq = session.seq
-        try:
-            view = await self.presence.friend_view(session.user)
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc)
-            view = []
-            complete = False
-        else:
-            complete = True
+        """Answer a CONNECT with the view read with it (``seq``: the session's sequence
+        number when that read was sent), or, if there is none, with a fresh read."""
+        complete = True
+        if view is None or seq is None:
+            # Taken before the read: a notification numbered while we read is then a
+            # gap the client sees (and repairs), not one hidden inside the reply's `q`.
+            seq = session.seq
+            try:
+                view = await self.presence.friend_view(session.user)
+            except (RedisError, OSError) as exc:
+                self._redis_failed(exc)
+                view = []
+                complete = False
         reply = ConnectOk(
             request=msg.request,
             session=session.token,

@@ -25,8 +25,10 @@
 -- ARGV[8]  (optional, default '*') proof that a 'connect' may replace the client id's entry: '*' (the caller
 --          vouches: a verified login token for the user, or a library call), or the
 --          token of the session it replaces ('' for none)
+-- ARGV[9]  (optional) '1': also answer the names the user declared (for the new
+--          session's first view of its friends), as a 6th element
 --
--- Returns {status, went_online, version, previous, pending}
+-- Returns {status, went_online, version, previous, pending[, friends]}
 --   status       1 applied (or, for 'check', would be); 0 fenced: the lease ran out
 --                before this ran; 2 superseded: 'restore' found another session; 3 stale:
 --                a replayed connect number; 4 in use: the client id has an entry of
@@ -100,5 +102,8 @@ if told then
       pending[#pending + 1] = name
     end
   end
+end
+if ARGV[9] == '1' then
+  return {1, went_online, version, previous, pending, redis.call('SMEMBERS', KEYS[3])}
 end
 return {1, went_online, version, previous, pending}
