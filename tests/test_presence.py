@@ -1646,3 +1646,59 @@ def test_parse_inbox_raises_only_value_error_for_malformed_items() -> None:
     for bad in ('[{"a":1,"b":2}]', '[{"c1":1,"t":2}]', '[["c1","ab12ab12"],{"x":"y","z":"w"}]'):
         with pytest.raises(ValueError, match="malformed inbox"):
             parse_inbox(bad)
+
+
+# ---------------------------------------------------------------------------
+# A connect that answers its friend view
+
+
+async def test_connect_with_view_answers_the_view_and_tells_without_reading_routes_again(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    told: list[Delivery] = []
+
+    async def deliver(deliveries: list[Delivery]) -> None:
+        told.extend(deliveries)
+
+    # No lease: no background commands while Redis counts this connect's.
+    presence = await make_presence(instance_id="p0", deliver=deliver, lease_ttl=None)
+    # b and c are mutual friends of a and online; d is declared by a only; e is offline.
+    await presence.set_friends("a", ["b", "c", "d", "e"])
+    for name, friends in {"b": ["a"], "c": ["a", "x"], "d": [], "e": ["a"]}.items():
+        await presence.set_friends(name, friends)
+    for name in ("b", "c", "d"):
+        await presence.connected(f"c-{name}", name, address="127.0.0.1:1")
+    told.clear()
+    marks: list[int] = []
+    before = await r.info("commandstats")
+    done = await presence.connected(
+        "c-a", "a", address="127.0.0.1:2", view=True, before_view=lambda: marks.append(1)
+    )
+    after = await r.info("commandstats")
+    assert marks == [1]
+    assert done.went_online
+    assert done.view == await presence.friend_view("a")
+    assert [(f.name, f.online) for f in done.view] == [
+        ("b", True),
+        ("c", True),
+        ("d", False),
+        ("e", False),
+    ]
+    assert sorted((d.client_id, d.friend) for d in told if d.friend) == [
+        ("c-b", FriendState("a", True, done.version)),
+        ("c-c", FriendState("a", True, done.version)),
+    ]
+
+    def calls(stats: dict[str, Any], command: str) -> int:
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    # The routes came with the view: no HGETALL was sent on its own (the four inside the
+    # peeks are all there is), and the friend list came with the connect (the one
+    # SMEMBERS is connect.lua's; Redis counts the commands scripts run).
+    assert calls(after, "hgetall") - calls(before, "hgetall") == 4
+    assert calls(after, "smembers") - calls(before, "smembers") == 1
+
+
+async def test_connect_without_view_answers_none(presence: Presence) -> None:
+    done = await presence.connected("c-a", "a")
+    assert done.view is None
