@@ -601,6 +601,12 @@ def report(r: dict[str, Any]) -> str:
         f"same daemon {r['same_idle']['daemon_cpu_us_per_transition']:,.0f}, "
         f"across daemons {r['across_idle']['daemon_cpu_us_per_transition']:,.0f} (both daemons)"
     )
+    if pin["server_cpu"] is not None and capacity["server_cpu"] < 0.9:
+        lines.append(
+            f"warning: the capacity run's daemon used {capacity['server_cpu']:.0%} of its "
+            "core, not all of it (a busy machine, or a slow load generator): the capacity "
+            "and the background load are understated."
+        )
     busy = max(r[name]["other_cpu"] for name, _, _ in SETTINGS)
     if busy > 0.1:
         lines.append(
