@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Watch:
-    """A raw UDP socket speaking to one daemon, and what it received."""
+    """A non-blocking UDP socket on 127.0.0.1 connected to one daemon."""
 
     sock: socket.socket
 
@@ -275,7 +275,11 @@ class Prober:
         give_up = time.monotonic() + GIVE_UP
         told_at = replied_at = 0
         reply: Message | None = None
-        while not (told_at and replied_at) and time.monotonic() < give_up:
+        while (
+            not (told_at and replied_at)
+            and type(reply) is not Error  # refused: no NOTIFY will come
+            and time.monotonic() < give_up
+        ):
             self.epoll.poll(0.1)
             for at, note in self.watcher.drain():
                 if (
