@@ -117,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the daemons' coalescing window, seconds (their --notify-coalesce)",
     )
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of load before probing")
+    parser.add_argument(
+        "--settings",
+        default=",".join(name for name, _, _ in SETTINGS),
+        help="comma-separated settings to run (default: all four)",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -164,6 +169,8 @@ class Samples:
     connect_ok: list[int] = field(default_factory=list)
     disconnect_ok: list[int] = field(default_factory=list)
     missed: dict[str, int] = field(default_factory=lambda: {"online": 0, "offline": 0})
+    failures: list[str] = field(default_factory=list)
+    """Transitions that got no CONNECT_OK / DISCONNECT_OK (the mover sits out the rest)."""
     transitions: int = 0
     """Every transition made, the unmeasured warm-up round's included."""
 
@@ -190,6 +197,7 @@ class Prober:
         self.last_notified: dict[str, float] = dict.fromkeys(self.movers, 0.0)
         self.last_ping = 0.0
         self.transitions = 0
+        self.failed: set[str] = set()
 
     def close(self) -> None:
         self.epoll.close()
@@ -247,7 +255,8 @@ class Prober:
             batch = self.movers[: min(len(self.movers), cycles - done)]
             for online in (True, False):
                 for user in batch:
-                    self._transition(user, online, coalesce, samples)
+                    if user not in self.failed:
+                        self._transition(user, online, coalesce, samples)
             done += len(batch)
 
     def _transition(
@@ -302,15 +311,22 @@ class Prober:
                 resend_at = time.monotonic() + REPLY_TIMEOUT
         self.last_notified[user] = time.monotonic()
         self.transitions += 1
-        if online:
-            if type(reply) is not ConnectOk:
-                raise RuntimeError(f"{user} could not connect: {reply}")
+        kind = "online" if online else "offline"
+        if type(reply) is not (ConnectOk if online else DisconnectOk):
+            # Not a latency: say what happened, and leave this mover out from now on.
+            self.failed.add(user)
+            failure = (
+                f"{user} {'CONNECT' if online else 'DISCONNECT'}: {reply or 'no reply'} "
+                f"after {GIVE_UP:.0f} s, NOTIFY {'came' if told_at else 'did not come'}"
+            )
+            if samples is None:
+                raise RuntimeError(failure)
+            samples.failures.append(failure)
+            return
+        if isinstance(reply, ConnectOk):
             self.sessions[user] = reply.session
-        elif type(reply) is not DisconnectOk:
-            raise RuntimeError(f"{user} could not disconnect: {reply}")
         if samples is None:
             return
-        kind = "online" if online else "offline"
         if told_at:
             (samples.online if online else samples.offline).append(told_at - sent)
         else:
@@ -442,6 +458,7 @@ def summarize(samples: Samples) -> dict[str, Any]:
     figures["disconnect_samples"] = len(samples.offline)
     figures["connect_missed"] = samples.missed["online"]
     figures["disconnect_missed"] = samples.missed["offline"]
+    figures["failures"] = samples.failures
     return figures
 
 
@@ -530,7 +547,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             d2 = start_daemon(redis.url, server_cpu)
             try:
+                chosen = args.settings.split(",")
                 for index, (name, across, loaded) in enumerate(SETTINGS):
+                    if name not in chosen:
+                        continue
                     result[name] = run_setting(
                         name,
                         str(index),
@@ -573,9 +593,11 @@ def report(r: dict[str, Any]) -> str:
         ),
         ("", "p50/p90/p99/max", "p50/p90/p99/max", "p50/p99", "", ""),
     ]
-    for name, _, _ in SETTINGS:
+    ran = [name for name, _, _ in SETTINGS if name in r]
+    for name in ran:
         s = r[name]
         missed = s["connect_missed"] + s["disconnect_missed"]
+        failed = len(s["failures"])
         rows.append(
             (
                 name,
@@ -584,7 +606,8 @@ def report(r: dict[str, Any]) -> str:
                 f"{s['connect_ok_p50_ms']:.2f}/{s['connect_ok_p99_ms']:.2f}",
                 f"{s['load_pings_per_s']:,.0f}",
                 f"{s['daemon_cpu']:.0%}, {s['other_cpu']:.0%}"
-                + (f"; {missed} NOTIFYs missed" if missed else ""),
+                + (f"; {missed} NOTIFYs missed" if missed else "")
+                + (f"; {failed} requests unanswered" if failed else ""),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
@@ -600,18 +623,19 @@ def report(r: dict[str, Any]) -> str:
             for row in rows
         ),
     ]
-    lines.append(
-        "daemon cpu-us per transition, idle (steadier than latency): "
-        f"same daemon {r['same_idle']['daemon_cpu_us_per_transition']:,.0f}, "
-        f"across daemons {r['across_idle']['daemon_cpu_us_per_transition']:,.0f} (both daemons)"
-    )
-    if pin["server_cpu"] is not None and capacity["server_cpu"] < 0.9:
+    idle = [
+        f"{where} {r[name]['daemon_cpu_us_per_transition']:,.0f}"
+        for name, where in (("same_idle", "same daemon"), ("across_idle", "across daemons"))
+        if name in r
+    ]
+    if idle:
         lines.append(
-            f"warning: the capacity run's daemon used {capacity['server_cpu']:.0%} of its "
-            "core, not all of it (a busy machine, or a slow load generator): the capacity "
-            "and the background load are understated."
+            "daemon cpu-us per transition, idle (steadier than latency; both daemons): "
+            + ", ".join(idle)
         )
-    busy = max(r[name]["other_cpu"] for name, _, _ in SETTINGS)
+    for name in ran:
+        lines += [f"{name}: {failure}" for failure in r[name]["failures"]]
+    busy = max((r[name]["other_cpu"] for name in ran), default=0.0)
     if busy > 0.1:
         lines.append(
             f"warning: other processes used up to {busy:.0%} of a core during the runs; "
