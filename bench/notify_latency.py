@@ -198,6 +198,7 @@ class Prober:
         self.last_ping = 0.0
         self.transitions = 0
         self.failed: set[str] = set()
+        self.opened = time.monotonic()
 
     def close(self) -> None:
         self.epoll.close()
@@ -216,23 +217,34 @@ class Prober:
         if type(reply) is not ConnectOk:
             raise RuntimeError(f"the watcher could not connect: {reply}")
         self.watcher_session = reply.session
-        self._ping_watcher()
+        if problem := self._ping_watcher():
+            raise RuntimeError(problem)
 
     def stop(self) -> None:
         request = self.next_request()
         self._call(self.watcher, Disconnect(request, self.watcher_session), request)
 
-    def _ping_watcher(self) -> None:
+    def _ping_watcher(self) -> str:
         """A PING verifies the watcher's address (only verified sessions are told) and,
-        repeated, keeps it alive however long the run."""
-        self.watcher.send(Ping(self.watcher_session))
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        while time.monotonic() < deadline:
-            self.epoll.poll(0.05)
-            if any(type(msg) is Pong for _, msg in self.watcher.drain()):
-                self.last_ping = time.monotonic()
-                return
-        raise RuntimeError("the watcher's PING got no PONG")
+        repeated, keeps it alive however long the run. Returns what went wrong, if any."""
+        started = time.monotonic()
+        self.last_ping = started
+        other: list[str] = []
+        for _ in range(3):
+            self.watcher.send(Ping(self.watcher_session))
+            deadline = time.monotonic() + REPLY_TIMEOUT
+            while time.monotonic() < deadline:
+                self.epoll.poll(0.05)
+                for _, msg in self.watcher.drain():
+                    if type(msg) is Pong:
+                        return ""
+                    other.append(
+                        type(msg).__name__ + (f" {msg.code.name}" if type(msg) is Error else "")
+                    )
+        return (
+            f"the watcher's PING got no PONG in {time.monotonic() - started:.1f} s "
+            f"(+{started - self.opened:.1f} s into the setting; got {other})"
+        )
 
     def _call(self, watch: Watch, msg: Message, request: int, pad: bool = False) -> Message:
         """Send a request until its reply comes (for set-up, not timed)."""
@@ -247,7 +259,7 @@ class Prober:
                         return reply
         raise RuntimeError(f"no reply to {msg}")
 
-    def run(self, cycles: int, coalesce: float, samples: Samples | None) -> None:
+    def run(self, cycles: int, coalesce: float, samples: Samples) -> None:
         """``cycles`` connect+disconnect cycles, movers taking turns in rounds: all of a
         round's movers connect, then all of them disconnect. Timed into ``samples``."""
         done = 0
@@ -259,15 +271,13 @@ class Prober:
                         self._transition(user, online, coalesce, samples)
             done += len(batch)
 
-    def _transition(
-        self, user: str, online: bool, coalesce: float, samples: Samples | None
-    ) -> None:
+    def _transition(self, user: str, online: bool, coalesce: float, samples: Samples) -> None:
         # Keep clear of the daemon's coalescing window for this (watcher, mover) pair.
         wait = self.last_notified[user] + coalesce + COALESCE_MARGIN - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        if time.monotonic() - self.last_ping > 10.0:
-            self._ping_watcher()
+        if time.monotonic() - self.last_ping > 10.0 and (problem := self._ping_watcher()):
+            samples.failures.append(problem)
         request = self.next_request()
         msg: Message
         if online:
@@ -317,16 +327,13 @@ class Prober:
             self.failed.add(user)
             failure = (
                 f"{user} {'CONNECT' if online else 'DISCONNECT'}: {reply or 'no reply'} "
-                f"after {GIVE_UP:.0f} s, NOTIFY {'came' if told_at else 'did not come'}"
+                f"after {GIVE_UP:.0f} s, NOTIFY {'came' if told_at else 'did not come'} "
+                f"(+{time.monotonic() - self.opened:.1f} s into the setting)"
             )
-            if samples is None:
-                raise RuntimeError(failure)
             samples.failures.append(failure)
             return
         if isinstance(reply, ConnectOk):
             self.sessions[user] = reply.session
-        if samples is None:
-            return
         if told_at:
             (samples.online if online else samples.offline).append(told_at - sent)
         else:
@@ -336,19 +343,20 @@ class Prober:
 
 def probe(
     tag: str, watcher_server: Address, mover_server: Address, args: argparse.Namespace
-) -> Samples:
-    """Set up a watcher and movers, run one unmeasured round, then the measured cycles."""
+) -> tuple[Samples, Samples]:
+    """Set up a watcher and movers, run one unmeasured round (each mover declares its
+    friend list), then the measured cycles; returns (measured, warm-up)."""
     prober = Prober(tag, watcher_server, mover_server, args.movers)
-    samples = Samples()
+    warmup, samples = Samples(), Samples()
     try:
         prober.start()
-        prober.run(len(prober.movers), args.notify_coalesce, None)  # friend lists declared
+        prober.run(len(prober.movers), args.notify_coalesce, warmup)
         prober.run(args.cycles, args.notify_coalesce, samples)
         prober.stop()
         samples.transitions = prober.transitions + 2  # and the watcher's own two
     finally:
         prober.close()
-    return samples
+    return samples, warmup
 
 
 @contextlib.contextmanager
@@ -485,13 +493,15 @@ def run_setting(
     try:
         before = cpu_sample(pids)
         with pinned_here(cpus[1]):
-            samples = probe(tag, watcher_server, mover_server, args)
+            samples, warmup = probe(tag, watcher_server, mover_server, args)
         after = cpu_sample(pids)
     finally:
         load = pacer.finish() if pacer is not None else None
     wall = after[0] - before[0]
     shares = [(b - a) / wall for a, b in zip(before[1:], after[1:], strict=True)]
     result = summarize(samples)
+    result["warmup_missed"] = warmup.missed["online"] + warmup.missed["offline"]
+    result["warmup_failures"] = warmup.failures
     result.update(
         {
             "seconds": wall,
@@ -635,6 +645,9 @@ def report(r: dict[str, Any]) -> str:
         )
     for name in ran:
         lines += [f"{name}: {failure}" for failure in r[name]["failures"]]
+        lines += [f"{name} (warm-up): {failure}" for failure in r[name]["warmup_failures"]]
+        if r[name]["warmup_missed"]:
+            lines.append(f"{name} (warm-up): {r[name]['warmup_missed']} NOTIFYs missed")
     busy = max((r[name]["other_cpu"] for name in ran), default=0.0)
     if busy > 0.1:
         lines.append(
