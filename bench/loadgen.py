@@ -12,6 +12,10 @@ Run as a program, this module is one of three *processes* a benchmark starts:
 ``loadgen.py churn --server HOST:PORT ...``
     Sets up users with mutual friends (half of them stay online), then cycles the other
     half through connect + disconnect with a bounded window and prints one JSON line.
+``loadgen.py pace --server HOST:PORT [--server ...] --rate N ...``
+    Connects N sessions spread over the servers, prints ``ready``, then sends pings at a
+    fixed rate (open loop: not waiting for replies) until its stdin closes; disconnects
+    its sessions and prints one JSON line. Background load for bench/notify_latency.py.
 
 The load generators use plain non-blocking sockets and ``epoll`` (no asyncio), send
 pre-encoded datagrams, and count replies without decoding them where they can, so that
@@ -877,6 +881,135 @@ def churn_mode(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# pace mode
+
+
+def pace_mode(args: argparse.Namespace) -> dict[str, Any]:
+    """Open-loop pings at ``args.rate`` per second over established sessions, until stdin
+    closes (the parent's signal to stop); see the module doc."""
+    servers = [parse_address(text) for text in args.server]
+    per_server = max(args.sockets // len(servers), 1)
+    socks = [sock for server in servers for sock in open_sockets(per_server, server)]
+    rpc = Rpc(socks)
+    sessions: list[tuple[int, bytes]] = []
+    clients = [
+        (i % len(socks), f"{args.prefix}-c{i}", f"{args.prefix}-u{i}", None)
+        for i in range(args.clients)
+    ]
+    connect_all(
+        rpc,
+        clients,
+        128,
+        lambda sock, msg: sessions.append((sock, msg.session)),
+        time.monotonic() + 60.0,
+    )
+    rpc._epoll.close()
+    # Round-robin over sockets (and so over servers), then over each socket's sessions.
+    by_sock: list[list[bytes]] = [[] for _ in socks]
+    for sock, session in sessions:
+        by_sock[sock].append(encode(Ping(session)))
+    schedule = [
+        (socks[i], mine[j])
+        for j in range(max(map(len, by_sock)))
+        for i, mine in enumerate(by_sock)
+        if j < len(mine)
+    ]
+    print("ready", flush=True)
+    result = pace_phase(socks, schedule, args.rate, args.warmup, args.tick)
+    # Leave nothing behind: a session left to time out would cost the daemon a
+    # transition in the middle of a later measurement.
+    rpc = Rpc(socks)
+    for sock, session in sessions:
+        request = rpc.request_id()
+        rpc.send(request, sock, encode(Disconnect(request, session)), lambda msg: None)
+        while len(rpc.pending) >= 128:
+            rpc.poll(0.01)
+    rpc.wait_idle(time.monotonic() + 30.0)
+    result.update({"clients": len(sessions), "sockets": len(socks), "servers": len(servers)})
+    result["disconnects_unanswered"] = len(rpc.pending)
+    return result
+
+
+def pace_phase(
+    socks: list[socket.socket],
+    schedule: list[tuple[socket.socket, bytes]],
+    rate: float,
+    warmup: float,
+    tick: float,
+) -> dict[str, Any]:
+    """Send ``rate`` pings a second, a few every ``tick`` seconds, until stdin closes.
+
+    Sleeping between sends leaves the CPU to Redis and the prober that share it. If the
+    sender falls more than 10 ms behind (starved of CPU), it skips ahead rather than
+    bursting, and counts what it skipped: the achieved rate is then below the target.
+    """
+    epoll = select.epoll()
+    for sock in socks:
+        epoll.register(sock.fileno(), select.EPOLLIN)
+    stdin = sys.stdin.fileno()
+    epoll.register(stdin, select.EPOLLIN)
+    by_fd = {sock.fileno(): sock for sock in socks}
+    buf = bytearray(MAX_DATAGRAM + 100)
+    most_behind = max(int(rate * 0.01), 1)
+    size = len(schedule)
+    cursor = sent = replies = skipped = send_errors = 0
+    start = time.monotonic()
+    warm_end = start + warmup
+    mark: tuple[float, float, int, int] | None = None  # (time, cpu, sent, replies)
+    slices: list[tuple[float, int]] = []
+    stopping = False
+    while not stopping:
+        now = time.monotonic()
+        due = int((now - start) * rate) - sent - skipped
+        if due > most_behind:
+            skipped += due - most_behind
+            due = most_behind
+        for _ in range(due):
+            sock, data = schedule[cursor]
+            cursor = cursor + 1 if cursor + 1 < size else 0
+            try:
+                sock.send(data)
+            except OSError:
+                send_errors += 1
+            sent += 1
+        for fd, _ in epoll.poll(0):
+            if fd == stdin:
+                stopping = not os.read(stdin, 4096)
+                continue
+            sock = by_fd[fd]
+            while True:
+                try:
+                    got = sock.recv_into(buf)
+                except OSError:
+                    break
+                if got > 6 and buf[6] == PONG_TYPE:
+                    replies += 1
+        if mark is None and now >= warm_end:
+            mark = (now, time.process_time(), sent, replies)
+            slices.append((now, replies))
+        elif mark is not None and now - slices[-1][0] >= 0.5:
+            slices.append((now, replies))
+        time.sleep(tick)
+    end = time.monotonic()
+    epoll.close()
+    if mark is None:  # stopped within the warm-up: measure from the start
+        mark = (start, 0.0, 0, 0)
+    wall = max(end - mark[0], 1e-9)
+    return {
+        "rate_target": rate,
+        "seconds": wall,
+        "sent_per_s": (sent - mark[2]) / wall,
+        "replies_per_s": (replies - mark[3]) / wall,
+        "sent_total": sent,
+        "replies_total": replies,
+        "skipped": skipped,
+        "send_errors": send_errors,
+        "load_cpu": (time.process_time() - mark[1]) / wall,
+        "slice_rates": slice_rates(slices),
+    }
+
+
+# ---------------------------------------------------------------------------
 
 
 def parse_address(text: str) -> Address:
@@ -888,6 +1021,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     sub.add_parser("ceiling-server", help="run the ceiling server")
+    pace = sub.add_parser("pace", help="pings at a fixed rate until stdin closes")
+    pace.add_argument("--server", action="append", required=True, help="HOST:PORT (repeat)")
+    pace.add_argument("--rate", type=float, required=True, help="pings per second, in all")
+    pace.add_argument("--clients", type=int, default=1000, help="sessions, over all servers")
+    pace.add_argument("--sockets", type=int, default=16, help="sockets, over all servers")
+    pace.add_argument("--prefix", default="pace", help="client id / user name prefix")
+    pace.add_argument("--warmup", type=float, default=0.5, help="seconds before counting")
+    pace.add_argument("--tick", type=float, default=0.0002, help="seconds between sends")
     for name in ("ping", "churn"):
         p = sub.add_parser(name)
         p.add_argument("--server", required=True, help="HOST:PORT of the target")
@@ -911,7 +1052,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "ceiling-server":
         serve_ceiling()
         return 0
-    result = ping_mode(args) if args.mode == "ping" else churn_mode(args)
+    modes = {"ping": ping_mode, "churn": churn_mode, "pace": pace_mode}
+    result = modes[args.mode](args)
     print(json.dumps(result), flush=True)
     return 0
 

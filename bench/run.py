@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import connect_rate
+import notify_latency
 import ping_rate
 from loadgen import machine
 from ping_rate import cpu_us
@@ -46,7 +47,7 @@ def table(rows: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def summary(ping: dict[str, Any], churn: dict[str, Any]) -> str:
+def summary(ping: dict[str, Any], churn: dict[str, Any], latency: dict[str, Any]) -> str:
     ceiling, daemon = ping["ceiling"], ping["daemon"]
     rows: list[tuple[str, str, str]] = [("figure", "value", "notes")]
     rows.append(
@@ -112,6 +113,22 @@ def summary(ping: dict[str, Any], churn: dict[str, Any]) -> str:
             "Notify datagrams to the online friends, during the churn",
         )
     )
+    load = f"{latency['load_share']:.0%} ping load"
+    for where in ("same", "across"):
+        idle, loaded = latency[f"{where}_idle"], latency[f"{where}_loaded"]
+        rows.append(
+            (
+                f"connect -> mutual friend notified, p50/p99 ms, {where} daemon"
+                + ("s" if where == "across" else ""),
+                f"{idle['connect_p50_ms']:.2f}/{idle['connect_p99_ms']:.2f}",
+                f"idle; at {load} ({loaded['load_pings_per_s']:,.0f}/s) "
+                f"{loaded['connect_p50_ms']:.2f}/{loaded['connect_p99_ms']:.2f}; "
+                f"disconnect -> offline idle "
+                f"{idle['disconnect_p50_ms']:.2f}/{idle['disconnect_p99_ms']:.2f}, "
+                f"loaded {loaded['disconnect_p50_ms']:.2f}/{loaded['disconnect_p99_ms']:.2f}; "
+                f"{latency['cycles']} cycles",
+            )
+        )
     return table(rows)
 
 
@@ -120,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--clients", type=int, default=1000, help="sessions / users")
+    parser.add_argument(
+        "--latency-cycles", type=int, default=300, help="notify latency: cycles per setting"
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     args = parser.parse_args(argv)
 
@@ -151,9 +171,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     churn = connect_rate.run(churn_args)
     print(connect_rate.report(churn), flush=True)
 
+    latency_parser = argparse.ArgumentParser()
+    notify_latency.add_arguments(latency_parser)
+    latency_args = latency_parser.parse_args(["--cycles", str(args.latency_cycles)])
+    print("\n== notify latency (bench/notify_latency.py)", flush=True)
+    latency = notify_latency.run(latency_args)
+    print(notify_latency.report(latency), flush=True)
+
     print(f"\n== summary ({time.monotonic() - started:.0f} s)")
-    print(summary(ping, churn))
-    busy = max(ping["ceiling"]["other_cpu"], ping["daemon"]["other_cpu"], churn["other_cpu"])
+    print(summary(ping, churn, latency))
+    busy = max(
+        ping["ceiling"]["other_cpu"],
+        ping["daemon"]["other_cpu"],
+        churn["other_cpu"],
+        *(latency[name]["other_cpu"] for name, _, _ in notify_latency.SETTINGS),
+    )
     if ping["pinning"]["server_cpu"] is None:
         print("note: fewer than 2 CPUs available: server and load generator were not pinned.")
     else:
@@ -168,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the figures are low and noisy. Re-run on an idle machine."
         )
     if args.json:
-        print(json.dumps({"machine": info, "ping": ping, "connect": churn}, indent=2))
+        results = {"machine": info, "ping": ping, "connect": churn, "latency": latency}
+        print(json.dumps(results, indent=2))
     return 0
 
 
