@@ -34,13 +34,16 @@ class DatagramHandler(asyncio.DatagramProtocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        # The event loop looks this up on every datagram: the server's own method,
+        # bound here, saves a Python call per datagram (a tenth of a PING's cost).
+        self.datagram_received = server.datagram_received  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport.
         self.server.set_sender(cast(asyncio.DatagramTransport, transport).sendto)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.server.datagram_received(data, addr)
+        self.server.datagram_received(data, addr)  # replaced in __init__; kept for clarity
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (e.g. a client's port closed) arrive here; they are routine on UDP.
