@@ -169,15 +169,24 @@ class Daemon:
 
 
 def start_daemon(
-    redis_url: str, cpu: int | None, timeout: float = 30.0, *, limits: Sequence[str] = UNLIMITED
+    redis_url: str,
+    cpu: int | None,
+    timeout: float = 30.0,
+    *,
+    limits: Sequence[str] = UNLIMITED,
+    processes: int = 1,
 ) -> Daemon:
     """Start the real daemon on 127.0.0.1 (free port) against ``redis_url``, pinned;
-    ``limits`` are its request-rate flags (default: none; () keeps the daemon's own)."""
+    ``limits`` are its request-rate flags (default: none; () keeps the daemon's own).
+    With ``processes`` above 1, a supervisor and that many workers (pinned together to
+    ``cpu``'s set: the caller passes None to let them spread)."""
     stderr = open(os.devnull, "w")  # noqa: SIM115 - closed by Daemon.stop
     args = [
         sys.executable,
         "-m",
         "presence_daemon",
+        "--processes",
+        str(processes),
         "--host",
         LOOPBACK,
         "--port",

@@ -107,7 +107,9 @@ async def serve(
         await presence.start()
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: DatagramHandler(server), local_addr=(config.host, config.port)
+            lambda: DatagramHandler(server),
+            local_addr=(config.host, config.port),
+            reuse_port=config.reuse_port or None,
         )
         _enlarge_receive_buffer(transport)
         try:
