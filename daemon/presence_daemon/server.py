@@ -6,7 +6,8 @@ Theory of operation
 the spot from memory: it refreshes the session's last-seen time and moves the session to
 the back of an ordered dict, so the dict is always ordered by last-seen time and a
 timeout sweep only looks at the front (its cost is what expired, not what is online).
-Pings never touch Redis.
+Pings never touch Redis. A PING in the layout every client sends skips the decoder
+altogether (see ``datagram_received``): pings are nearly all the traffic.
 
 Everything that needs Redis (connect, disconnect, friend changes, snapshots, timeouts)
 becomes a job on one of ``workers`` bounded queues, chosen by client id, so the jobs of
