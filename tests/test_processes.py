@@ -12,7 +12,8 @@ What is shown:
   connect again (UNKNOWN_SESSION) and end up owned by live workers, the dead one's
   entries are reaped, and every friend is seen online again;
 - SIGTERM to the supervisor stops every worker cleanly: exit 0, no process left, no
-  client left in Redis.
+  client left in Redis;
+- a worker that fails before it is ready (Redis out of reach) fails the whole start.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Final
 
 import pytest_asyncio
 import redis.asyncio
 
-from daemons import DaemonFactory, DaemonProcess, daemon_factory_fixture  # noqa: F401
+from daemons import DaemonFactory, DaemonProcess, daemon_env, daemon_factory_fixture  # noqa: F401
 from helpers import wait_for
 from presence_client.sdk import PresenceClient
 from presence_daemon import keys
@@ -166,3 +169,31 @@ async def test_sigterm_to_the_supervisor_stops_every_worker_cleanly(
     assert "stopped: all 2 workers exited cleanly" in daemon.stderr()
     assert daemon.stderr().count("stopped; counters:") == 2  # each worker drained
     assert await owners(r) == {}  # every client was removed as its worker stopped
+
+
+def test_a_worker_that_cannot_start_fails_the_start_with_its_exit_code() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "presence_daemon",
+            "--processes",
+            "2",
+            "--port",
+            "0",
+            "--redis-url",
+            "redis://127.0.0.1:1/0",  # nothing listens there
+            "--redis-timeout",
+            "0.5",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""  # no ready line
+    assert "before it was ready" in result.stderr
+    pids = [int(pid) for _, pid, _ in WORKER_RE.findall(result.stderr)]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)

@@ -180,9 +180,12 @@ def _run_with_uvloop(main: Coroutine[Any, Any, object]) -> None:
 
 def run(config: Config) -> int:
     """Run the daemon in the current thread with uvloop; returns a process exit code."""
+    # A worker sharing its port with others (--processes) shares their log too: its
+    # lines name it.
+    who = f"[{config.instance_id}]" if config.reuse_port and config.instance_id else ""
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s",
         stream=sys.stderr,
     )
     try:

@@ -223,9 +223,10 @@ class Supervisor:
                     flush=True,
                 )
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            # Stopping (a signal), or a worker failed its start: stop the rest.
-            self.stopping.set()
-            self._stop_workers()
+            if not self.stopping.is_set():  # a worker failed its start: stop the rest
+                self.stopping.set()
+                self._stop_workers()
+            # (Never a second SIGTERM: a worker past its clean-up would die of it.)
             await asyncio.gather(*tasks)
             if self._first_failure is not None:
                 return self._first_failure
