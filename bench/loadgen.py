@@ -136,6 +136,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of ``pid`` and of its live descendants (a supervisor's
+    workers); what ended children used is counted once the parent has reaped them."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        return total
+    return total + sum(tree_cpu_seconds(child) for child in children)
+
+
 def read_line(stream: IO[str], timeout: float) -> str:
     """Read one line from a child's pipe, or raise TimeoutError after ``timeout`` s."""
     ready, _, _ = select.select([stream], [], [], timeout)
@@ -169,15 +181,24 @@ class Daemon:
 
 
 def start_daemon(
-    redis_url: str, cpu: int | None, timeout: float = 30.0, *, limits: Sequence[str] = UNLIMITED
+    redis_url: str,
+    cpu: int | None,
+    timeout: float = 30.0,
+    *,
+    limits: Sequence[str] = UNLIMITED,
+    processes: int = 1,
 ) -> Daemon:
     """Start the real daemon on 127.0.0.1 (free port) against ``redis_url``, pinned;
-    ``limits`` are its request-rate flags (default: none; () keeps the daemon's own)."""
+    ``limits`` are its request-rate flags (default: none; () keeps the daemon's own).
+    With ``processes`` above 1, a supervisor and that many workers (pinned together to
+    ``cpu``'s set: the caller passes None to let them spread)."""
     stderr = open(os.devnull, "w")  # noqa: SIM115 - closed by Daemon.stop
     args = [
         sys.executable,
         "-m",
         "presence_daemon",
+        "--processes",
+        str(processes),
         "--host",
         LOOPBACK,
         "--port",
@@ -375,7 +396,7 @@ class CpuProbe:
         busy, steal = machine_busy()
         return (
             time.monotonic(),
-            cpu_seconds(self.server_pid) if self.server_pid else 0.0,
+            tree_cpu_seconds(self.server_pid) if self.server_pid else 0.0,
             cpu_seconds(self.redis_pid) if self.redis_pid else 0.0,
             time.process_time(),
             busy,

@@ -1,6 +1,6 @@
 """Run every benchmark and print one summary table (this is what ``make bench`` runs).
 
-``.venv/bin/python bench/run.py [--duration S] [--clients N] [--json]``
+``.venv/bin/python bench/run.py [--duration S] [--clients N] [--processes N] [--json]``
 
 The figures are for the machine printed above the table; on a 2-core machine the server
 gets one core and the load generator the other (see bench/README.md).
@@ -87,6 +87,30 @@ def summary(ping: dict[str, Any], churn: dict[str, Any], latency: dict[str, Any]
             f"{daemon['replies_total']:,} pings; expected 0 (pings are answered from memory)",
         )
     )
+    if "processes" in ping:
+        part = ping["processes"]
+        one, many = part["one"], part["many"]
+        rows.append(
+            (
+                f"daemon: pings/s, {many['processes']} processes (unpinned)",
+                fmt_rate(many["replies_per_s"]),
+                f"1 process unpinned: {fmt_rate(one['replies_per_s'])}; "
+                f"{cpu_us(many['server_cpu'], many['replies_per_s']):.1f} daemon cpu-us/ping; "
+                f"cpu daemon {many['server_cpu']:.0%} load {many['load_cpu']:.0%}",
+            )
+        )
+        rows.append(
+            (
+                f"scaling 1 -> {many['processes']} processes",
+                f"{part['scaling']:.2f}x",
+                f"{part['cpus']} CPUs shared with the load generator"
+                + (
+                    " (it needs a core too: not a cores-scaling figure)"
+                    if part["cpus"] <= many["processes"]
+                    else ""
+                ),
+            )
+        )
     rows.append(
         (
             f"daemon: transitions/s ({churn['friends']} friends, half online)",
@@ -140,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--latency-cycles", type=int, default=300, help="notify latency: cycles per setting"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="also measure pings with this many daemon processes against 1 (1: skip)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     args = parser.parse_args(argv)
 
@@ -153,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
 
     ping_args = argparse.Namespace(
-        duration=args.duration, warmup=args.warmup, clients=args.clients, sockets=16, window=16
+        duration=args.duration,
+        warmup=args.warmup,
+        clients=args.clients,
+        sockets=16,
+        window=16,
+        processes=args.processes,
     )
     print("\n== ping rate (bench/ping_rate.py)", flush=True)
     ping = ping_rate.run(ping_args)

@@ -94,6 +94,7 @@ class DaemonProcess:
         ready_timeout: float = READY_TIMEOUT,
     ) -> None:
         defaults: dict[str, str | None] = {
+            "--processes": "1",  # one daemon, no supervisor (unless a test asks for more)
             "--host": "127.0.0.1",
             "--port": "0",
             "--redis-url": redis_url,

@@ -544,7 +544,7 @@ async def test_disconnect_of_unknown_session_still_acknowledged(auth_daemon: Dae
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "presence_daemon", *args],
+        [sys.executable, "-m", "presence_daemon", "--processes", "1", *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

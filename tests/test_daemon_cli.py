@@ -4,6 +4,7 @@ Config it builds."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -18,7 +19,7 @@ import pytest
 
 from daemons import DaemonProcess, RawPeer, daemon_env
 from presence_client.protocol import is_valid_name
-from presence_daemon.config import Config, ConfigError, config_from_args
+from presence_daemon.config import Config, ConfigError, config_args, config_from_args
 
 RUN_TIMEOUT = 20.0
 """Upper bound for a command that is expected to exit by itself."""
@@ -31,7 +32,7 @@ EMBEDDED_RE = re.compile(r"started embedded redis-server at redis://127\.0\.0\.1
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "presence_daemon", *args],
+        [sys.executable, "-m", "presence_daemon", "--processes", "1", *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -278,3 +279,63 @@ def test_pick_instance_id() -> None:
         host, suffix = instance_id.rsplit("-", 1)
         assert host and re.fullmatch("[0-9a-f]{8}", suffix), instance_id
     assert not hasattr(Config, "resolved_instance_id")
+
+
+# ---------------------------------------------------------------------------
+# --processes: how many daemon processes share the port.
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--processes", "0"], {}, ["--processes", "0", "1-1024"]),
+        (["--processes", "-2"], {}, ["--processes", "-2"]),
+        (["--processes", "1025"], {}, ["--processes", "1025"]),
+        (["--processes", "1.5"], {}, ["--processes", "'1.5'"]),
+        (["--processes", "two"], {}, ["--processes", "'two'"]),
+        ([], {"PRESENCE_PROCESSES": "0"}, ["PRESENCE_PROCESSES", "0"]),
+        ([], {"PRESENCE_PROCESSES": "2.0"}, ["PRESENCE_PROCESSES", "'2.0'"]),
+        (["--processes", "2", "--instance-id", "x" * 53], {}, ["--instance-id", "52"]),
+    ],
+    ids=["zero", "negative", "too-many", "fraction", "word", "env-zero", "env-float", "long-id"],
+)
+def test_bad_processes_exit_with_one_line_naming_it(
+    args: list[str], env: dict[str, str], named: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "presence_daemon", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=daemon_env(env),
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in named:
+        assert text in lines[0], (text, lines[0])
+
+
+def test_processes_default_to_the_cpus_available_and_come_from_flag_or_variable() -> None:
+    assert Config().processes == len(os.sched_getaffinity(0))
+    assert config_from_args(["--processes", "3"], environ={}).processes == 3
+    assert config_from_args([], environ={"PRESENCE_PROCESSES": "4"}).processes == 4
+    assert config_from_args(["--processes", "1"], {"PRESENCE_PROCESSES": "4"}).processes == 1
+    assert Config(processes=2, instance_id="x" * 52).processes == 2  # room for "-<k>.<n>"
+
+
+def test_config_args_give_a_worker_the_same_settings() -> None:
+    config = Config(
+        processes=1,
+        port=0,
+        reuse_port=True,
+        ping_interval=0.2,
+        timeout=0.6,
+        instance_id="w-1.2",
+        friend_lists="app",
+        connect_rate=0.0,
+        embedded_redis=True,
+    )
+    assert config_from_args(config_args(config), environ={}) == config
+    assert config_from_args(config_args(Config(processes=1)), environ={}) == Config(processes=1)

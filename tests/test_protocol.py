@@ -15,6 +15,9 @@ from presence_client.protocol import (
     MAX_NAME_CHARS,
     MAX_PARTS,
     MAX_REQUEST_ID,
+    PING_PREFIX,
+    PING_SIZE,
+    PONGS_KEPT,
     PROTOCOL_VERSION,
     SESSION_BYTES,
     Connect,
@@ -40,8 +43,10 @@ from presence_client.protocol import (
     check_name,
     decode,
     encode,
+    encode_pong,
     is_valid_name,
     overhead,
+    ping_session,
     split_friend_states,
     split_names,
 )
@@ -771,3 +776,89 @@ def test_errors_carry_the_request_id_when_it_is_readable(
     with pytest.raises(ProtocolError) as info:
         decode(msgpack.packb(body))
     assert (info.value.code, info.value.request) == (code, request_id)
+
+
+# ---------------------------------------------------------------------------
+# The PING fast path: ping_session() reads the token without decoding, and is never
+# wrong about it: where it answers, decode() gives the same PING; where it does not,
+# decode() still decides.
+
+_tokens = st.binary(min_size=SESSION_BYTES, max_size=SESSION_BYTES)
+
+
+def _ping_variants(token: bytes) -> list[bytes]:
+    """Other encodings of the same PING and near misses: none has the layout that
+    encode() gives, so the fast path must leave every one to decode()."""
+    return [
+        msgpack.packb({"s": token, "v": 1, "t": 3}, use_bin_type=True),  # key order
+        msgpack.packb({"v": 1, "t": 3, "s": token, "x": 0}, use_bin_type=True),  # extra key
+        msgpack.packb({"v": 1, "t": 3, "s": token[:-1]}, use_bin_type=True),  # short token
+        msgpack.packb({"v": 1, "t": 3, "s": token + b"\x00"}, use_bin_type=True),
+        b"\x83\xa1v\xcc\x01\xa1t\x03\xa1s\xc4\x10" + token,  # v as a uint8: 28 bytes
+        b"\x83\xa1v\x01\xa1t\x03\xa1s\xc5\x00\x10" + token,  # s as a bin16
+        b"\x83\xa1v\x01\xa1t\x03\xa1s\xb0" + token,  # s as a str of 16 bytes
+        b"\x83\xa1v\x01\xa1t\x05\xa1s\xc4\x10" + token,  # a DISCONNECT's type
+        encode(Ping(token)) + b"\x00",  # trailing byte
+    ]
+
+
+@FUZZ
+@given(_tokens)
+def test_every_ping_encode_makes_takes_the_fast_path(token: bytes) -> None:
+    data = encode(Ping(token))
+    assert len(data) == PING_SIZE and data.startswith(PING_PREFIX)
+    assert ping_session(data) == token
+    assert decode(data) == Ping(token)
+
+
+@FUZZ
+@given(_tokens)
+def test_other_encodings_of_a_ping_are_left_to_the_decoder(token: bytes) -> None:
+    for data in _ping_variants(token):
+        assert ping_session(data) is None
+        _decode_or_protocol_error(data)
+
+
+@FUZZ
+@given(
+    _tokens,
+    st.lists(
+        st.tuples(
+            st.sampled_from(["set", "insert", "delete"]), st.integers(0, 40), st.binary(max_size=2)
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_a_mutated_ping_is_read_as_the_decoder_reads_it_or_left_to_it(
+    token: bytes, edits: list[tuple[str, int, bytes]]
+) -> None:
+    data = bytearray(encode(Ping(token)))
+    for kind, position, junk in edits:
+        i = position % (len(data) + 1)
+        if kind == "set":
+            data[i : i + len(junk)] = junk
+        elif kind == "insert":
+            data[i:i] = junk
+        else:
+            del data[i : i + 1 + len(junk)]
+    mutated = bytes(data)
+    session = ping_session(mutated)
+    if session is not None:
+        assert decode(mutated) == Ping(session)
+    else:
+        _decode_or_protocol_error(mutated)
+
+
+@FUZZ
+@given(st.binary(max_size=64))
+def test_random_bytes_read_as_a_ping_decode_to_that_ping(data: bytes) -> None:
+    for candidate in (data, PING_PREFIX + data):
+        session = ping_session(candidate)
+        if session is not None:
+            assert decode(candidate) == Ping(session)
+
+
+@pytest.mark.parametrize("seq", [0, 1, 127, 128, PONGS_KEPT - 1, PONGS_KEPT, 2**16, 2**40])
+def test_pre_encoded_pongs_are_the_encoding_of_pong(seq: int) -> None:
+    assert encode_pong(seq) == encode(Pong(seq))

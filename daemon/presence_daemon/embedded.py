@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-__all__ = ["EmbeddedRedis", "find_redis_server"]
+__all__ = ["EmbeddedRedis", "find_redis_server", "pdeathsig_preexec"]
 
 _PR_SET_PDEATHSIG = 1
 _LOOPBACK = "127.0.0.1"
@@ -90,7 +90,7 @@ def _free_port() -> int:
         return port
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """Build a ``preexec_fn`` making the child get SIGTERM when its parent dies.
 
     Linux only (``prctl(PR_SET_PDEATHSIG)``); returns ``None`` elsewhere or if libc
@@ -269,7 +269,7 @@ class EmbeddedRedis:
                 stderr=subprocess.STDOUT,
                 cwd=self._tmpdir,
                 start_new_session=False,
-                preexec_fn=_pdeathsig_preexec(),
+                preexec_fn=pdeathsig_preexec(),
             )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> bool:
