@@ -1179,6 +1179,7 @@ async def test_live_owners_are_the_others_whose_lease_is_held(
 async def test_from_url_uses_a_blocking_pool_with_timeouts(redis_url: str) -> None:
     p = Presence.from_url(redis_url, lease_ttl=None)
     try:
+        assert isinstance(p.redis, Redis)
         pool = p.redis.connection_pool
         assert isinstance(pool, BlockingConnectionPool)
         assert pool.connection_kwargs["socket_timeout"] == DEFAULT_REDIS_TIMEOUT
@@ -1189,6 +1190,7 @@ async def test_from_url_uses_a_blocking_pool_with_timeouts(redis_url: str) -> No
         await p.close()
     client = redis_client(redis_url, max_connections=3, timeout=0.5)
     try:
+        assert isinstance(client, Redis)
         pool = client.connection_pool
         assert isinstance(pool, BlockingConnectionPool)
         assert pool.max_connections == 3 and pool.timeout == 0.5

@@ -69,7 +69,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_client.protocol import (
     MAX_COUNTER,
@@ -80,6 +79,13 @@ from presence_client.protocol import (
 )
 from presence_daemon import keys
 from presence_daemon.scripts import Call, Scripts
+from presence_daemon.store import (
+    UNAVAILABLE,
+    Store,
+    cluster_client,
+    is_cluster_url,
+    queue_publish,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +188,9 @@ def redis_client(
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     timeout: float = DEFAULT_REDIS_TIMEOUT,
-) -> Redis:
-    """A Redis client configured the way the presence library needs it.
+) -> Store:
+    """A Redis client configured the way the presence library needs it: a cluster
+    client for a ``redis+cluster://`` URL (see :func:`store.cluster_client`).
 
     A blocking pool (a call waits, up to ``timeout`` more, for a free connection instead
     of raising "too many connections"); every call fails after ``timeout`` seconds
@@ -191,6 +198,8 @@ def redis_client(
     dead (Redis restarted) is sent again on a fresh one (every script is idempotent, so
     a repeat is harmless).
     """
+    if is_cluster_url(url):
+        return cluster_client(url, max_connections=max_connections, timeout=timeout)
     pool = BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
@@ -344,7 +353,8 @@ def _entry(value: Any) -> tuple[str, str, str]:
 class Presence:
     """Presence state in Redis for any asyncio program.
 
-    ``redis`` is a ``redis.asyncio.Redis`` client (see :func:`redis_client`).
+    ``redis`` is a ``redis.asyncio.Redis`` or ``RedisCluster`` client (see
+    :func:`redis_client`).
     ``instance_id`` names this process as the owner of the clients it connects.
     ``deliver`` receives every notification that a change decided here causes; by
     default (:meth:`publish`) each goes to the inbox channel of the owner of the client
@@ -361,7 +371,7 @@ class Presence:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Store,
         *,
         instance_id: str | None = None,
         max_friends: int = DEFAULT_MAX_FRIENDS,
@@ -882,7 +892,7 @@ class Presence:
                 pipe.srem(keys.owned_key(old_owner), old_member)
                 if old_owner != self.instance_id:
                     message = json.dumps([[client_id, old_token]], separators=(",", ":"))
-                    pipe.publish(keys.inbox_channel(old_owner), message)
+                    queue_publish(pipe, keys.inbox_channel(old_owner), message)
             if not restore:
                 pipe.get(keys.client_key(client_id))
             elif unbound:
@@ -1055,7 +1065,7 @@ class Presence:
                     pending = await self.scripts.call(
                         self.redis, "settle", keys.user_keys(user), [self._now_ms(), 0]
                     )
-                except (RedisConnectionError, RedisTimeoutError, OSError):
+                except UNAVAILABLE:  # (a cluster failing over answers CLUSTERDOWN)
                     delay = FAN_OUT_RETRY_DELAYS[-1]
                     continue
                 except RedisError as exc:
@@ -1148,7 +1158,7 @@ class Presence:
             return
         pipe = self.redis.pipeline(transaction=False)
         for owner, items in by_owner.items():
-            pipe.publish(keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
+            queue_publish(pipe, keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
         await pipe.execute()
 
     # -- reading -------------------------------------------------------------------
