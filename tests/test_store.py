@@ -123,6 +123,35 @@ async def test_a_cluster_url_gives_a_cluster_client_with_the_librarys_timeouts(
         await default.aclose()
 
 
+async def test_calls_beyond_the_cluster_clients_connections_wait_for_a_turn(
+    cluster: EmbeddedCluster,
+) -> None:
+    # redis-py's own cluster pool would raise MaxConnectionsError past 2 + 8 here.
+    client = redis_client(cluster.url, max_connections=2, timeout=5.0)
+    try:
+        counts = await asyncio.gather(*(client.incr("presence:{same}:n") for _ in range(200)))
+        assert sorted(counts) == list(range(1, 201))
+    finally:
+        await client.aclose()
+
+
+async def test_the_library_survives_600_concurrent_connects_on_a_cluster(
+    cluster: EmbeddedCluster,
+) -> None:
+    presence = Presence.from_url(cluster.url)
+    await presence.start()
+    try:
+        users = [f"many{i}" for i in range(600)]
+        results = await asyncio.gather(
+            *(presence.connected(f"c-{u}", u) for u in users), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, f"{len(errors)} of 600 calls raised, e.g. {errors[0]!r}"
+        assert await presence.query(users) == dict.fromkeys(users, True)
+    finally:
+        await presence.close()
+
+
 async def test_scripts_load_on_every_master_and_pipelines_span_slots(
     cluster: EmbeddedCluster,
 ) -> None:

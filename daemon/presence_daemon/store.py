@@ -29,8 +29,11 @@ deployment.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 from urllib.parse import unquote
@@ -49,10 +52,8 @@ Store: TypeAlias = Redis | RedisCluster
 
 CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 DEFAULT_PORT: Final = 6379
-CLUSTER_CONNECTIONS_FACTOR: Final = 4
-"""The cluster client's pool per node raises at its limit instead of waiting for a free
-connection (the single-server pool waits): it gets this many times the connections, so
-the limit is a safety net, not a throttle."""
+CLUSTER_SPARE_CONNECTIONS: Final = 8
+"""Connections per node beyond the calls allowed at once (see PresenceCluster)."""
 
 UNAVAILABLE: Final = (
     RedisConnectionError,
@@ -121,27 +122,66 @@ def parse_cluster_url(url: str) -> ClusterURL:
     return ClusterURL(tuple(seeds), tls, username, password)
 
 
+_HOLDS_A_CALL: ContextVar[bool] = ContextVar("presence_cluster_holds_a_call", default=False)
+"""Set while a task runs a call of a PresenceCluster: a call nested in it (a pipeline
+resending a redirected command) must not wait for a second turn."""
+
+
 class _PresencePipeline(ClusterPipeline):
     """A cluster pipeline whose topology troubles are RedisErrors (see the module doc)."""
+
+    cluster_client: PresenceCluster
 
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
-        try:
-            return await super().execute(raise_on_error, allow_redirections)
-        except RedisClusterException as exc:
-            raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+        async with self.cluster_client.turn():
+            try:
+                return await super().execute(raise_on_error, allow_redirections)
+            except RedisClusterException as exc:
+                raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
 
 
 class PresenceCluster(RedisCluster):
-    """``RedisCluster`` whose topology troubles are RedisErrors (see the module doc)."""
+    """``RedisCluster`` whose topology troubles are RedisErrors (see the module doc),
+    and whose calls wait for a turn as calls on a single server wait for a free
+    connection of their blocking pool.
+
+    redis-py's cluster pool raises MaxConnectionsError at its limit instead of waiting;
+    here at most ``max_calls`` calls (commands or pipelines) run at once, so no node
+    ever sees more connections than that, and a call waits up to ``call_wait`` seconds
+    for its turn (then ConnectionError, as the blocking pool raises).
+    """
+
+    def __init__(self, *args: Any, max_calls: int, call_wait: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(max_calls)
+        self._call_wait = call_wait
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold one of the ``max_calls`` turns (a nested call shares its caller's)."""
+        if _HOLDS_A_CALL.get():
+            yield
+            return
+        try:
+            await asyncio.wait_for(self._turns.acquire(), self._call_wait)
+        except TimeoutError:
+            raise RedisConnectionError(f"no free connection within {self._call_wait:g} s") from None
+        held = _HOLDS_A_CALL.set(True)
+        try:
+            yield
+        finally:
+            _HOLDS_A_CALL.reset(held)
+            self._turns.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command (see ``RedisCluster.execute_command``)."""
-        try:
-            return await super().execute_command(*args, **kwargs)
-        except RedisClusterException as exc:
-            raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+        async with self.turn():
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except RedisClusterException as exc:
+                raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
@@ -154,7 +194,9 @@ class PresenceCluster(RedisCluster):
 
 def cluster_client(url: str, *, max_connections: int, timeout: float) -> PresenceCluster:
     """A cluster client configured as :func:`presence.redis_client` configures a single
-    one: every call fails after ``timeout`` seconds; a call that hits a dead connection
+    one: at most ``max_connections`` calls at once, a further call waits for its turn
+    (up to ``timeout`` more); every call fails after ``timeout`` seconds; a call that
+    hits a dead connection
     or a topology change (a failover: ConnectionError, CLUSTERDOWN, a slot not covered
     yet) is sent again, twice at most, after the client has re-read the topology. (On a
     cluster a timed-out call is retried too: the client cannot tell a dead master from a
@@ -170,7 +212,11 @@ def cluster_client(url: str, *, max_connections: int, timeout: float) -> Presenc
         password=parsed.password,
         ssl=parsed.tls,
         decode_responses=True,
-        max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
+        max_calls=max_connections,
+        call_wait=timeout,
+        # Each call holds at most one connection per node; the rest is slack for the
+        # client's own topology reads.
+        max_connections=max_connections + CLUSTER_SPARE_CONNECTIONS,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
