@@ -359,7 +359,8 @@ class Presence:
     ``deliver`` receives every notification that a change decided here causes; by
     default (:meth:`publish`) each goes to the inbox channel of the owner of the client
     it is for. An owner that holds clients of its own (a WebSocket backend, say)
-    subscribes to ``keys.inbox_channel(instance_id)`` and reads what arrives with
+    subscribes to ``keys.inbox_channel(instance_id)`` with :class:`store.Inbox` (sharded
+    on a cluster) and reads what arrives with
     :func:`parse_inbox`. ``clock`` (wall-clock seconds) dates client-id bindings (see
     ``stale_binding_after``) and seeds versions. ``on_lease_lost(state_lost)`` is
     awaited when the lease was found lapsed (``state_lost``: Redis forgot this owner

@@ -284,15 +284,22 @@ class Inbox:
             and self._serving_node(self.redis).name != self._node
         ):
             raise RedisConnectionError(f"inbox {self.channel} moved to another node")
-        message = await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=timeout)
-        if message is None:
-            return None
-        kind = message.get("type")
-        if kind in ("message", "smessage"):
-            return message["data"]
-        if kind == "sunsubscribe":  # the node stopped serving the slot (failover, resharding)
-            raise RedisConnectionError(f"inbox {self.channel} was unsubscribed by {self._node}")
-        return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = max(0.0, deadline - loop.time())
+            message = await self._pubsub.get_message(
+                ignore_subscribe_messages=False, timeout=remaining
+            )
+            if message is None:
+                return None
+            kind = message.get("type")
+            if kind in ("message", "smessage"):
+                return message["data"]
+            if kind == "sunsubscribe":  # the node stopped serving the slot (a failover)
+                raise RedisConnectionError(f"inbox {self.channel} was unsubscribed by {self._node}")
+            if remaining == 0.0:  # (a confirmation of our own subscription)
+                return None
 
     async def aclose(self) -> None:
         """Close the subscription (and its own connection, on a cluster)."""
