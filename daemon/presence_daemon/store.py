@@ -22,8 +22,10 @@ the caller subscribes again, on the node that serves the slot then. Hand-offs pu
 meanwhile are lost, as with any reconnect; the caller repairs what they carried.
 
 The cluster client raises ``RedisClusterException`` for some topology troubles (no node
-serves a slot, say), which is not a ``RedisError``. :class:`PresenceCluster` turns those
-into ``ClusterError`` (a ``RedisError``), so callers handle one error tree whatever the
+serves a slot, say), which is not a ``RedisError``, and a ``RuntimeError`` when it closes
+a connection under a call (it closes them all when it re-reads the topology after
+CLUSTERDOWN). :class:`PresenceCluster` turns those into ``ClusterError`` and
+``ConnectionError`` (RedisErrors), so callers handle one error tree whatever the
 deployment.
 """
 
@@ -127,6 +129,25 @@ _HOLDS_A_CALL: ContextVar[bool] = ContextVar("presence_cluster_holds_a_call", de
 resending a redirected command) must not wait for a second turn."""
 
 
+@contextlib.asynccontextmanager
+async def _as_redis_errors() -> AsyncIterator[None]:
+    """Turn the cluster client's foreign errors into RedisErrors.
+
+    RedisClusterException (no node serves a slot, say) is not a RedisError. And when
+    the client re-reads the topology after CLUSTERDOWN it closes every connection,
+    including those other tasks are using at that moment: their write fails with
+    RuntimeError ("the handler is closed") instead of a ConnectionError.
+    """
+    try:
+        yield
+    except RedisClusterException as exc:
+        raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        if "closed" not in str(exc):
+            raise
+        raise RedisConnectionError(f"connection closed under the call: {exc}") from exc
+
+
 class _PresencePipeline(ClusterPipeline):
     """A cluster pipeline whose topology troubles are RedisErrors (see the module doc)."""
 
@@ -135,11 +156,8 @@ class _PresencePipeline(ClusterPipeline):
     async def execute(
         self, raise_on_error: bool = True, allow_redirections: bool = True
     ) -> list[Any]:
-        async with self.cluster_client.turn():
-            try:
-                return await super().execute(raise_on_error, allow_redirections)
-            except RedisClusterException as exc:
-                raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+        async with self.cluster_client.turn(), _as_redis_errors():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 class PresenceCluster(RedisCluster):
@@ -175,13 +193,21 @@ class PresenceCluster(RedisCluster):
             _HOLDS_A_CALL.reset(held)
             self._turns.release()
 
+    async def aclose(self) -> None:
+        """Close every connection; called by the client itself (it does after CLUSTERDOWN
+        and between pipeline retries, to re-read the topology), only mark the topology
+        for a re-read. Closing then would cut the connections other tasks are using
+        (their calls fail with foreign errors); nodes that left the topology have their
+        connections closed by the re-read anyway."""
+        if _HOLDS_A_CALL.get():
+            self._initialize = True
+            return
+        await super().aclose()
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command (see ``RedisCluster.execute_command``)."""
-        async with self.turn():
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except RedisClusterException as exc:
-                raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
+        async with self.turn(), _as_redis_errors():
+            return await super().execute_command(*args, **kwargs)
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
