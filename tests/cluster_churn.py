@@ -59,6 +59,9 @@ class Scenario:
     seed: int = 1
     members: dict[str, Member] = field(default_factory=dict)
     redis: Store | None = None
+    last_wrong: tuple[float, list[str]] = (0.0, [])
+    """Seconds after ``since`` of the last wrong sample :meth:`converge` saw, and what
+    was wrong then."""
 
     async def __aenter__(self) -> Scenario:
         rng = random.Random(self.seed)
@@ -188,6 +191,7 @@ class Scenario:
             last = await self.problems()
             if last:
                 right_since = None
+                self.last_wrong = (now - since, last)
             elif right_since is None:
                 right_since = now
             if right_since is not None and now - right_since >= settle:
