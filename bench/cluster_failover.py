@@ -97,6 +97,12 @@ async def one_run(args: argparse.Namespace) -> dict[str, Any]:
                 except TimeoutError:
                     converged = None
                     problems = await scenario.problems()
+                if converged is None or converged > 10:
+                    wrong = {w.split(":")[0] for w in scenario.last_wrong[1]}
+                    named = {
+                        n for w in scenario.last_wrong[1] for n in scenario.members if f"'{n}'" in w
+                    }
+                    print(scenario.explain(sorted(wrong | named), killed_at))
             return {
                 "takeover_s": round(takeover, 3),
                 "converged_s": None if converged is None else round(converged, 3),

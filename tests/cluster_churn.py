@@ -59,6 +59,8 @@ class Scenario:
     seed: int = 1
     members: dict[str, Member] = field(default_factory=dict)
     redis: Store | None = None
+    log: list[tuple[float, str, object]] = field(default_factory=list)
+    """(monotonic time, user, SDK event) of every client, for explaining a failure."""
     last_wrong: tuple[float, list[str]] = (0.0, [])
     """Seconds after ``since`` of the last wrong sample :meth:`converge` saw, and what
     was wrong then."""
@@ -108,6 +110,7 @@ class Scenario:
             request_timeout=REQUEST_TIMEOUT,
         )
         member.watched = Watched(client)
+        client.add_listener(lambda event: self.log.append((time.monotonic(), member.user, event)))
         try:
             await client.connect()
         except (PresenceClientError, OSError):
@@ -201,3 +204,20 @@ class Scenario:
                     f"not right within {bound:.0f} s; {len(last)} problems, e.g. {last[:5]}"
                 )
             await asyncio.sleep(0.05)
+
+    def explain(self, users: list[str], since: float) -> str:
+        """The SDK events of ``users``' clients since ``since`` (for a failure message)."""
+        lines = [
+            f"{t - since:+.3f} {user}: {event}"
+            for t, user, event in self.log
+            if user in users and t >= since - 1.0
+        ]
+        for user in users:
+            member = self.members[user]
+            if member.watched is not None:
+                client = member.watched.client
+                lines.append(
+                    f"{user}: server={client.server} last_seq={client.last_seq} "
+                    f"friends={client.friends} versions={client.versions}"
+                )
+        return "\n".join(lines)

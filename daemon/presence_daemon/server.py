@@ -1074,9 +1074,13 @@ class Server:
                     # Hand-offs published while we were not subscribed are lost, and
                     # only the sender knew of them. Count one notification for every
                     # session: its next Pong shows a gap and the client asks for a
-                    # snapshot, which repairs whatever was missed.
+                    # snapshot, which repairs whatever was missed. A lost notice that
+                    # a session was replaced elsewhere is found by comparing what we
+                    # hold with what Redis lists (the replacing connect took the
+                    # session out of our set): soon, not at the next minute.
                     for session in self.by_token.values():
                         session.seq += 1
+                    self._verify_soon()
                     failed = False
                 while not self._stopped:
                     data = await inbox.get(timeout=1.0)
