@@ -16,6 +16,7 @@ import pytest_asyncio
 import redis
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ClusterError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conftest import CLUSTER_NODE_TIMEOUT_MS
 from helpers import wait_for
@@ -29,6 +30,7 @@ from presence_daemon.store import (
     ClusterURLError,
     Inbox,
     PresenceCluster,
+    _as_redis_errors,
     is_cluster_url,
     parse_cluster_url,
     queue_publish,
@@ -121,6 +123,29 @@ async def test_a_cluster_url_gives_a_cluster_client_with_the_librarys_timeouts(
         assert kwargs["socket_timeout"] == DEFAULT_REDIS_TIMEOUT
     finally:
         await default.aclose()
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+        ),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+    ],
+)
+async def test_a_connection_closed_under_a_call_is_a_connection_error(
+    raised: Exception,
+) -> None:
+    with pytest.raises(RedisConnectionError, match="closed under the call"):
+        async with _as_redis_errors():
+            raise raised
+
+
+async def test_other_foreign_errors_pass_unchanged() -> None:
+    with pytest.raises(RuntimeError, match="something else"):
+        async with _as_redis_errors():
+            raise RuntimeError("something else")
 
 
 async def test_calls_beyond_the_cluster_clients_connections_wait_for_a_turn(

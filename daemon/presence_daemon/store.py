@@ -22,11 +22,10 @@ the caller subscribes again, on the node that serves the slot then. Hand-offs pu
 meanwhile are lost, as with any reconnect; the caller repairs what they carried.
 
 The cluster client raises ``RedisClusterException`` for some topology troubles (no node
-serves a slot, say), which is not a ``RedisError``, and a ``RuntimeError`` when it closes
-a connection under a call (it closes them all when it re-reads the topology after
-CLUSTERDOWN). :class:`PresenceCluster` turns those into ``ClusterError`` and
-``ConnectionError`` (RedisErrors), so callers handle one error tree whatever the
-deployment.
+serves a slot, say), which is not a ``RedisError``, and a ``RuntimeError`` or
+``AttributeError`` when it closes a connection under a call (those of a failed node).
+:class:`PresenceCluster` turns those into ``ClusterError`` and ``ConnectionError``
+(RedisErrors), so callers handle one error tree whatever the deployment.
 """
 
 from __future__ import annotations
@@ -133,10 +132,11 @@ resending a redirected command) must not wait for a second turn."""
 async def _as_redis_errors() -> AsyncIterator[None]:
     """Turn the cluster client's foreign errors into RedisErrors.
 
-    RedisClusterException (no node serves a slot, say) is not a RedisError. And when
-    the client re-reads the topology after CLUSTERDOWN it closes every connection,
-    including those other tasks are using at that moment: their write fails with
-    RuntimeError ("the handler is closed") instead of a ConnectionError.
+    RedisClusterException (no node serves a slot, say) is not a RedisError. And the
+    client closes connections other tasks are using at that moment (those of a node
+    that failed or left the topology): their write fails with RuntimeError ("the
+    handler is closed") or AttributeError (its writer is already None) instead of a
+    ConnectionError.
     """
     try:
         yield
@@ -144,6 +144,10 @@ async def _as_redis_errors() -> AsyncIterator[None]:
         raise ClusterError(f"{type(exc).__name__}: {exc}") from exc
     except RuntimeError as exc:
         if "closed" not in str(exc):
+            raise
+        raise RedisConnectionError(f"connection closed under the call: {exc}") from exc
+    except AttributeError as exc:
+        if "'NoneType' object" not in str(exc):
             raise
         raise RedisConnectionError(f"connection closed under the call: {exc}") from exc
 
