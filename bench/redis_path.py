@@ -49,7 +49,7 @@ async def _run(url: str, args: argparse.Namespace) -> dict[str, float]:
         name = command[0].lower()
 
         async def singles(n: int, command: tuple[str, ...] = command) -> None:
-            await asyncio.gather(*[client.execute_command(*command) for _ in range(n)])  # type: ignore[no-untyped-call]
+            await asyncio.gather(*[client.execute_command(*command) for _ in range(n)])
 
         result[f"redis_py_single_{name}_us"] = await _measure(
             args.commands, args.concurrency, singles

@@ -581,6 +581,57 @@ async def test_session_replaced_through_another_daemon_leaves_no_zombie(
         peer.close()
 
 
+async def test_a_replacement_notice_lost_while_the_inbox_was_down_is_found_soon(
+    private_daemons: DaemonFactory, truth: Truth
+) -> None:
+    """A client's CONNECT reaches D1 and, retried, D2, which replaces D1's session in
+    Redis; the client goes on with D1's answer and never uses D2's session, which times
+    out. D2's notice to D1 was lost: D1's inbox subscription was down (a failover of its
+    cluster node; here SUBSCRIBE refused and the connection cut). D1 compares what it
+    holds with what Redis lists right after it subscribes again, so within seconds,
+    not at the once-a-minute comparison, Redis lists the session the client uses."""
+    one, two = private_daemons("D1"), private_daemons("D2")
+    peer = await MultiPeer.open()
+    try:
+        first = (await peer.connect(one.address, "u", "X")).session
+        await truth.redis.acl_setuser("default", enabled=True, commands=["-subscribe"])
+        try:
+            await truth.redis.client_kill_filter(_type="pubsub")
+            inbox = keys.inbox_channel("D1")
+
+            async def unsubscribed() -> bool:
+                return await truth.redis.pubsub_numsub(inbox) == [(inbox, 0)]
+
+            await eventually(unsubscribed, 3.0, "D1's inbox has no subscriber")
+            second = (await peer.connect(two.address, "u", "X", previous=first)).session
+            entry = await truth.entry("u", "X")
+            assert entry is not None and (entry.owner, entry.token) == ("D2", second.hex())
+        finally:
+            await truth.redis.acl_setuser("default", enabled=True, commands=["+subscribe"])
+
+        last: list[object] = []
+
+        async def listed_as_used() -> bool:
+            # The client pings only D1's session (so D2's times out).
+            reply = await peer.ping(one.address, first)
+            entry = await truth.entry("u", "X")
+            last[:] = [reply, entry]
+            return (
+                reply == "PONG"
+                and entry is not None
+                and (entry.token, entry.owner) == (first.hex(), "D1")
+            )
+
+        await eventually(
+            listed_as_used,
+            6.0,
+            "Redis lists the session the client uses, D1's",
+            detail=lambda: (last, one.stderr()[-1500:]),
+        )
+    finally:
+        peer.close()
+
+
 # ---------------------------------------------------------------------------
 # Finding 5.
 

@@ -40,6 +40,8 @@ from presence_client.sdk import (
 from presence_daemon import keys
 from presence_daemon.presence import Presence
 
+pytestmark = pytest.mark.backends  # every test runs on one Redis and on a Valkey Cluster
+
 REQUEST_TIMEOUT = 0.2
 TIMEOUT_WAIT = 3.0
 """Upper bound for a silent client to be dropped (timeout 0.6 s + sweep 0.05 s + CI)."""

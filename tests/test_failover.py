@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 from typing import Final
 
+import pytest
 import pytest_asyncio
 import redis.asyncio
 
@@ -42,6 +43,7 @@ from helpers import wait_for
 from presence_client.sdk import Event, FriendEvent, PresenceClient, StatusEvent
 from presence_daemon import keys
 from presence_daemon.presence import Presence, parse_inbox
+from presence_daemon.store import Inbox
 
 COUNTERS_RE: Final = re.compile(r"stopped; counters: (\{.*\})")
 MOVED_RE: Final = re.compile(r"shutdown: (\d+) of (\d+) clients moved to another daemon")
@@ -484,6 +486,7 @@ RENEW_INTERVAL: Final = 1.0
 MOVERS: Final = 40
 
 
+@pytest.mark.backends
 async def test_sigkill_clients_fail_over_before_the_reap(
     daemon_factory: DaemonFactory, pool: Pool, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -573,6 +576,7 @@ async def test_sigkill_clients_fail_over_before_the_reap(
 # 3. Shutdown with no other daemon alive: no grace, clients removed at once.
 
 
+@pytest.mark.backends
 async def test_sigterm_of_the_only_daemon_removes_its_clients_at_once(
     daemon_factory: DaemonFactory, pool: Pool, redis_url: str, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -584,17 +588,17 @@ async def test_sigterm_of_the_only_daemon_removes_its_clients_at_once(
     # client arrive on its inbox channel.
     library = Presence.from_url(redis_url, instance_id="web", lease_ttl=None)
     await library.start()
-    pubsub = r.pubsub()
-    await pubsub.subscribe(keys.inbox_channel("web"))
+    inbox = Inbox(library.redis, keys.inbox_channel("web"))  # sharded on a cluster
+    await inbox.subscribe()
     told: list[tuple[str, bool]] = []
     # Asked to stop, not cancelled (see OnlineWatch.stop), and awaited with a bound.
     done = asyncio.Event()
 
     async def listen() -> None:
         while not done.is_set():
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                deliveries, _ = parse_inbox(message["data"])
+            data = await inbox.get(timeout=1.0)
+            if data is not None:
+                deliveries, _ = parse_inbox(data)
                 told.extend((d.friend.name, d.friend.online) for d in deliveries if d.friend)
 
     listener = asyncio.get_running_loop().create_task(listen())
@@ -643,7 +647,7 @@ async def test_sigterm_of_the_only_daemon_removes_its_clients_at_once(
     finally:
         done.set()
         await asyncio.wait_for(listener, 5.0)
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await inbox.aclose()
         with contextlib.suppress(Exception):
             await library.disconnected("web-1")
         await library.close()

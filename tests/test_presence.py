@@ -1,5 +1,8 @@
 """The Presence library against a real redis-server, with real concurrency.
 
+Tests marked ``backends`` (the library API: connect, disconnect, query, friends, reap)
+run on a Valkey Cluster too.
+
 Several Presence instances (each its own Redis connection pool) act at once, as several
 daemons would. Transitions are collected from every instance and ordered by version,
 which Redis assigns atomically, so "exactly once" can be checked whatever the order in
@@ -42,6 +45,7 @@ from presence_daemon.presence import (
     parse_inbox,
     redis_client,
 )
+from presence_daemon.store import Inbox, queue_publish
 
 ROUNDS = 50
 INSTANCES = 4
@@ -134,6 +138,7 @@ async def redis_ms(r: Redis) -> int:
 # Basics
 
 
+@pytest.mark.backends
 async def test_connected_disconnected_query(presence: Presence) -> None:
     rec = Recorder([presence])
     assert await presence.query(["alice", "bob"]) == {"alice": False, "bob": False}
@@ -162,6 +167,7 @@ async def test_connected_disconnected_query(presence: Presence) -> None:
     assert await presence.query([]) == {}
 
 
+@pytest.mark.backends
 async def test_disconnected_by_client_id_alone(presence: Presence, r: Redis) -> None:
     rec = Recorder([presence])
     await presence.connected("dev", "alice")
@@ -235,6 +241,7 @@ async def test_subscribe_and_unsubscribe(presence: Presence) -> None:
 # Client ids belong to one user at a time
 
 
+@pytest.mark.backends
 async def test_client_id_in_use_by_another_user(presence: Presence, r: Redis) -> None:
     rec = Recorder([presence])
     a = await presence.connected("shared", "alice")
@@ -256,6 +263,7 @@ async def test_client_id_in_use_by_another_user(presence: Presence, r: Redis) ->
     assert await binding_of(r, "shared") == f"bob|{b.token}"
 
 
+@pytest.mark.backends
 async def test_concurrent_connects_of_one_client_id_for_two_users(
     instances: list[Presence], r: Redis
 ) -> None:
@@ -450,6 +458,7 @@ async def test_many_clients_of_one_user_concurrently(instances: list[Presence]) 
     assert len(everything) == 2 * ROUNDS
 
 
+@pytest.mark.backends
 async def test_many_users_many_clients_concurrently(instances: list[Presence]) -> None:
     rec = Recorder(instances)
     users = [f"u{k}" for k in range(5)]
@@ -524,6 +533,7 @@ async def test_one_user_on_two_clients(instances: list[Presence]) -> None:
     assert_alternating(everything)
 
 
+@pytest.mark.backends
 async def test_mixed_concurrent_operations_stay_consistent(
     instances: list[Presence], r: Redis
 ) -> None:
@@ -615,6 +625,7 @@ def told(records: Iterable[Delivery]) -> set[tuple[str, str, bool]]:
     return {(d.client_id, d.friend.name, d.friend.online) for d in records if d.friend}
 
 
+@pytest.mark.backends
 async def test_a_list_change_makes_the_users_other_clients_resync(
     make_presence: MakePresence,
 ) -> None:
@@ -669,6 +680,7 @@ async def test_one_sided_friendship_delivers_nothing(
     assert sink.take() == []
 
 
+@pytest.mark.backends
 async def test_mutual_friends_are_told_once_per_transition(
     pair: tuple[Presence, Presence], sink: Deliveries
 ) -> None:
@@ -703,6 +715,7 @@ async def test_mutual_friends_are_told_once_per_transition(
     assert sink.take() == []
 
 
+@pytest.mark.backends
 async def test_friendship_becoming_and_ending_mutual_while_online(
     pair: tuple[Presence, Presence], sink: Deliveries
 ) -> None:
@@ -741,6 +754,7 @@ async def test_friendship_becoming_and_ending_mutual_while_online(
     assert told(sink.take()) == {("a1", "B", False), ("b1", "A", False)}
 
 
+@pytest.mark.backends
 async def test_concurrent_mutual_adds_while_both_online_tell_both(
     pair: tuple[Presence, Presence], sink: Deliveries
 ) -> None:
@@ -782,6 +796,7 @@ async def test_mutual_change_with_one_side_offline(
     assert a1.token and b1.token
 
 
+@pytest.mark.backends
 async def test_third_party_never_hears_anything(
     pair: tuple[Presence, Presence], sink: Deliveries
 ) -> None:
@@ -900,6 +915,7 @@ def die(presence: Presence) -> None:
         task.cancel()
 
 
+@pytest.mark.backends
 async def test_clients_of_a_dead_owner_are_reaped_once(
     make_presence: MakePresence, r: Redis
 ) -> None:
@@ -940,6 +956,7 @@ async def test_clients_of_a_dead_owner_are_reaped_once(
     assert await survivor.reap_dead() == 0
 
 
+@pytest.mark.backends
 async def test_a_client_that_moved_before_the_reap_is_left_alone(
     make_presence: MakePresence, r: Redis
 ) -> None:
@@ -964,6 +981,7 @@ async def test_a_client_that_moved_before_the_reap_is_left_alone(
     assert [(t.user, t.online) for t in rec.take()] == [("alice", True)]  # no flap
 
 
+@pytest.mark.backends
 async def test_a_restarted_owner_clears_what_its_predecessor_left(
     make_presence: MakePresence, r: Redis
 ) -> None:
@@ -977,6 +995,7 @@ async def test_a_restarted_owner_clears_what_its_predecessor_left(
     assert await r.scard(keys.owned_key("d1")) == 0
 
 
+@pytest.mark.backends
 async def test_a_clean_close_gives_up_the_lease_and_registration(
     make_presence: MakePresence, redis_url: str, r: Redis
 ) -> None:
@@ -1160,6 +1179,7 @@ async def test_a_connect_that_reaches_redis_after_the_fence_writes_nothing(
     assert await r.smembers(keys.owned_key("own")) == {f"alice|a1|{c.token}"}
 
 
+@pytest.mark.backends
 async def test_live_owners_are_the_others_whose_lease_is_held(
     make_presence: MakePresence, r: Redis
 ) -> None:
@@ -1179,6 +1199,7 @@ async def test_live_owners_are_the_others_whose_lease_is_held(
 async def test_from_url_uses_a_blocking_pool_with_timeouts(redis_url: str) -> None:
     p = Presence.from_url(redis_url, lease_ttl=None)
     try:
+        assert isinstance(p.redis, Redis)
         pool = p.redis.connection_pool
         assert isinstance(pool, BlockingConnectionPool)
         assert pool.connection_kwargs["socket_timeout"] == DEFAULT_REDIS_TIMEOUT
@@ -1189,6 +1210,7 @@ async def test_from_url_uses_a_blocking_pool_with_timeouts(redis_url: str) -> No
         await p.close()
     client = redis_client(redis_url, max_connections=3, timeout=0.5)
     try:
+        assert isinstance(client, Redis)
         pool = client.connection_pool
         assert isinstance(pool, BlockingConnectionPool)
         assert pool.max_connections == 3 and pool.timeout == 0.5
@@ -1590,33 +1612,35 @@ async def test_restore_needs_a_valid_token(presence: Presence) -> None:
     assert await presence.query(["alice"]) == {"alice": False}
 
 
+@pytest.mark.backends
 async def test_a_connect_that_replaces_another_owners_entry_tells_that_owner(
     instances: list[Presence], r: Redis
 ) -> None:
     p, q = instances[:2]
     channels = [keys.inbox_channel("p0"), keys.inbox_channel("p1")]
-    async with r.pubsub() as pubsub:
-        await pubsub.subscribe(*channels)
-        confirmed = 0
-        while confirmed < len(channels):
-            message = await pubsub.get_message(timeout=5.0)
-            assert message is not None, "subscription not confirmed"
-            confirmed += message["type"] == "subscribe"
-
+    # Plain channels on one Redis, sharded ones on a cluster (as the daemon listens).
+    inboxes = [Inbox(p.redis, channel) for channel in channels]
+    try:
+        for inbox in inboxes:
+            await inbox.subscribe()
         old = await p.connected("a1", "alice")
         new = await q.connected("a1", "alice")  # replaces p0's session: p0 is told
         newer = await q.connected("a1", "alice")  # replaces q's own: nobody is told
         await q.connected("a1", "alice", token=newer.token)  # the same session: neither
         assert new.token != old.token
+        pipe = p.redis.pipeline(transaction=False)
         for channel in channels:  # a last message on each, to know all were read
-            await r.publish(channel, "[]")
+            queue_publish(pipe, channel, "[]")
+        await pipe.execute()
         got: dict[str, list[str]] = {channel: [] for channel in channels}
-        ends = 0
-        while ends < len(channels):
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-            assert message is not None, got
-            got[message["channel"]].append(message["data"])
-            ends += message["data"] == "[]"
+        for channel, inbox in zip(channels, inboxes, strict=True):
+            while not got[channel] or got[channel][-1] != "[]":
+                data = await inbox.get(timeout=5.0)
+                assert data is not None, got
+                got[channel].append(data)
+    finally:
+        for inbox in inboxes:
+            await inbox.aclose()
     inbox_p0, inbox_p1 = got[channels[0]], got[channels[1]]
     assert inbox_p1 == ["[]"]
     assert len(inbox_p0) == 2 and inbox_p0[-1] == "[]"

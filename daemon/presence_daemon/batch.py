@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 import hiredis
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -154,9 +155,9 @@ class LeanConnection:
     def for_client(cls, redis: Any) -> LeanConnection | None:
         """A LeanConnection to the server ``redis`` (a redis-py asyncio client) talks
         to, or None if it is not a plain single-server client this class can speak for."""
-        pool = getattr(redis, "connection_pool", None)
-        if pool is None:
-            return None
+        if not isinstance(redis, Redis):
+            return None  # a cluster client (its pipelines route each command to its node)
+        pool = redis.connection_pool
         from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
         kwargs = pool.connection_kwargs

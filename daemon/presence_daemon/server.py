@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -103,6 +102,7 @@ from presence_daemon.presence import (
     parse_inbox,
     stop_tasks,
 )
+from presence_daemon.store import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -1159,28 +1159,33 @@ class Server:
         channel = keys.inbox_channel(self.instance_id)
         failed = False
         while not self._stopped:
-            pubsub = self.presence.redis.pubsub()
+            # Sharded on a cluster: the inbox follows the master serving its slot (a
+            # failover or resharding ends the subscription, and it is made again).
+            inbox = Inbox(self.presence.redis, channel)
             try:
-                await pubsub.subscribe(channel)
+                await inbox.subscribe()
                 if failed:
                     # Hand-offs published while we were not subscribed are lost, and
                     # only the sender knew of them. Count one notification for every
                     # session: its next Pong shows a gap and the client asks for a
-                    # snapshot, which repairs whatever was missed.
+                    # snapshot, which repairs whatever was missed. A lost notice that
+                    # a session was replaced elsewhere is found by comparing what we
+                    # hold with what Redis lists (the replacing connect took the
+                    # session out of our set): soon, not at the next minute.
                     for session in self.by_token.values():
                         session.seq += 1
+                    self._verify_soon()
                     failed = False
                 while not self._stopped:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._on_inbox(message["data"])
+                    data = await inbox.get(timeout=1.0)
+                    if data is not None:
+                        self._on_inbox(data)
             except (RedisError, OSError) as exc:
                 self._redis_failed(exc)
                 failed = True
                 await asyncio.sleep(1.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await inbox.aclose()
 
     def _on_inbox(self, data: Any) -> None:
         try:
