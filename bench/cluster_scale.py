@@ -49,8 +49,8 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.crc import key_slot
 
 from presence_daemon import keys
-from presence_daemon.embedded import EmbeddedCluster
-from presence_daemon.presence import Delivery, Presence
+from presence_daemon.embedded import EmbeddedCluster, EmbeddedRedis, find_valkey_binaries
+from presence_daemon.presence import Delivery, Presence, redis_client
 
 NOW_MS = b"1780000000000"
 CHUNK = 20_000
@@ -272,10 +272,13 @@ def check_layout() -> None:
     assert key_slot(keys.client_key(cid).encode()) == slot_of(cid)
 
 
-def load(port: int, users: int, friends: int, owners: int, processes: int) -> dict[str, Any]:
-    """Write every user's keys from ``processes`` processes; load time and commands."""
+def load(
+    port: int, users: int, friends: int, owners: int, processes: int, *, single: bool = False
+) -> dict[str, Any]:
+    """Write every user's keys from ``processes`` processes; load time and commands.
+    ``single``: ``port`` is one server, not a cluster node."""
     check_layout()
-    slots = cluster_slots(port)
+    slots = [(0, 16383, "127.0.0.1", port)] if single else cluster_slots(port)
     started = time.monotonic()
     args = [(slots, users, friends, owners, part, processes) for part in range(processes)]
     with multiprocessing.get_context("fork").Pool(processes) as pool:
@@ -329,13 +332,23 @@ async def server_usec(ports: Sequence[int]) -> int:
 
 
 async def latencies(
-    port: int, masters: Sequence[int], users: int, samples: int, seed: int
+    port: int,
+    masters: Sequence[int],
+    users: int,
+    samples: int,
+    seed: int,
+    *,
+    single: bool = False,
 ) -> dict[str, Any]:
     """Time each library call, one at a time, on uniformly drawn users: wall time, this
     process's CPU time and the masters' time in commands (both steadier than wall time
-    on a shared machine)."""
-    cluster = BenchCluster(
-        startup_nodes=[AsyncClusterNode("127.0.0.1", port)], decode_responses=True
+    on a shared machine). ``single``: a plain client of one server (for reference)."""
+    client: Any = (
+        redis_client(f"redis://127.0.0.1:{port}/0")
+        if single
+        else BenchCluster(
+            startup_nodes=[AsyncClusterNode("127.0.0.1", port)], decode_responses=True
+        )
     )
     delivered = 0
 
@@ -344,7 +357,7 @@ async def latencies(
         delivered += len(deliveries)
 
     presence = Presence(
-        cast(Redis, cluster), instance_id="bench-scale", lease_ttl=None, deliver=drop
+        cast(Redis, client), instance_id="bench-scale", lease_ttl=None, deliver=drop
     )
     await presence.start()
     rng = random.Random(seed)
@@ -428,6 +441,21 @@ def scale(cluster: EmbeddedCluster, args: argparse.Namespace, users: int) -> dic
     return result
 
 
+def reference(args: argparse.Namespace) -> dict[str, Any]:
+    """The small run on one Valkey server with the plain client (no cluster)."""
+    with EmbeddedRedis(find_valkey_binaries()[0]) as server:
+        result = load(
+            server.port, args.small, args.friends, args.owners, args.load_processes, single=True
+        )
+        ports = [server.port]
+        result.update(
+            asyncio.run(
+                latencies(server.port, ports, args.small, args.samples, args.seed, single=True)
+            )
+        )
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=5_000_000, help="users in the big run")
     parser.add_argument("--quick", action="store_true", help="100,000 users in the big run")
@@ -455,6 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "big": scale(cluster, args, args.users),
             "small again": scale(cluster, args, args.small),
         }
+    single = reference(args)
     # The small run before and after the big one: their spread is the noise to beat.
     ratios = {
         kind: {
@@ -471,6 +500,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "owners": args.owners,
         "runs": runs,
         "ratios": ratios,
+        "single": single,
     }
 
 
@@ -501,6 +531,16 @@ def report(r: dict[str, Any]) -> str:
             )
         lines.append(
             f"  ({s['went_online']} connects went online; {s['deliveries']} deliveries dropped)"
+        )
+    single = r["single"]
+    lines.append(
+        f"reference: {single['users']:,} users on one Valkey server, plain client "
+        "(cpu-us per call: client, server):"
+    )
+    for kind, c in single["calls"].items():
+        lines.append(
+            f"  {kind:<13} p50 {c['p50_ms']:6.2f} ms  p99 {c['p99_ms']:6.2f} ms; "
+            f"client {c['client_cpu_us']:,.0f}, server {c['server_us']:,.0f}"
         )
     big = r["runs"]["big"]["users"]
     lines.append(f"ratios {big:,} users / mean of the two small runs:")
