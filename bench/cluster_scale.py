@@ -39,13 +39,11 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis
 from loadgen import bench_main
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.crc import key_slot
 
 from presence_daemon import keys
@@ -56,21 +54,6 @@ NOW_MS = b"1780000000000"
 CHUNK = 20_000
 """Users per pipelined chunk (one buffer per node)."""
 QUERY_SIZE = 20
-
-
-class _ScriptPipeline(ClusterPipeline):
-    """redis-py's cluster pipeline refuses ``evalsha()`` but routes a raw EVALSHA by its
-    keys like any keyed command (the cluster branch's ``Scripts.queue`` sends it raw)."""
-
-    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
-
-
-class BenchCluster(RedisCluster):
-    """A cluster client whose pipelines take script calls (see _ScriptPipeline)."""
-
-    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
-        return _ScriptPipeline(self, transaction)  # type: ignore[abstract]
 
 
 def user_name(i: int) -> str:
@@ -343,12 +326,8 @@ async def latencies(
     """Time each library call, one at a time, on uniformly drawn users: wall time, this
     process's CPU time and the masters' time in commands (both steadier than wall time
     on a shared machine). ``single``: a plain client of one server (for reference)."""
-    client: Any = (
-        redis_client(f"redis://127.0.0.1:{port}/0")
-        if single
-        else BenchCluster(
-            startup_nodes=[AsyncClusterNode("127.0.0.1", port)], decode_responses=True
-        )
+    client = redis_client(
+        f"redis://127.0.0.1:{port}/0" if single else f"redis+cluster://127.0.0.1:{port}"
     )
     delivered = 0
 
@@ -356,9 +335,7 @@ async def latencies(
         nonlocal delivered
         delivered += len(deliveries)
 
-    presence = Presence(
-        cast(Redis, client), instance_id="bench-scale", lease_ttl=None, deliver=drop
-    )
+    presence = Presence(client, instance_id="bench-scale", lease_ttl=None, deliver=drop)
     await presence.start()
     rng = random.Random(seed)
     offline = [rng.randrange(users // 2) * 2 + 1 for _ in range(samples)]
