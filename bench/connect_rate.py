@@ -25,7 +25,7 @@ from typing import Any
 from loadgen import bench_main, pin_pid, plan_cpus, run_loadgen, start_daemon
 from ping_rate import cpu_us
 
-from presence_daemon.embedded import EmbeddedRedis
+from presence_daemon.embedded import EmbeddedCluster, EmbeddedRedis
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,15 +35,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--friends", type=int, default=20, help="mutual friends per user")
     parser.add_argument("--window", type=int, default=64, help="users cycling at once")
     parser.add_argument("--sockets", type=int, default=16, help="load generator sockets")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="MASTERS",
+        help="run on a Valkey Cluster of this many masters (no replicas) instead of one Redis",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One daemon + its Redis under connect/disconnect churn; returns the loadgen result."""
     server_cpu, load_cpu = plan_cpus()
-    with EmbeddedRedis() as redis:
+    store: EmbeddedRedis | EmbeddedCluster = (
+        EmbeddedCluster(masters=args.cluster, replicas=0) if args.cluster else EmbeddedRedis()
+    )
+    with store:
+        pids = (
+            [node.pid for node in store.nodes]
+            if isinstance(store, EmbeddedCluster)
+            else [store.process.pid]
+        )
         # Redis shares the load generator's CPU: the daemon keeps a core to itself.
-        pin_pid(redis.process.pid, load_cpu)
-        daemon = start_daemon(redis.url, server_cpu)
+        for pid in pids:
+            pin_pid(pid, load_cpu)
+        daemon = start_daemon(store.url, server_cpu)
         try:
             result = run_loadgen(
                 [
@@ -63,11 +79,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "--duration",
                     str(args.duration),
                     "--redis-url",
-                    redis.url,
+                    store.url,
                     "--server-pid",
                     str(daemon.proc.pid),
                     "--redis-pid",
-                    str(redis.process.pid),
+                    ",".join(map(str, pids)),
                 ],
                 load_cpu,
                 timeout=args.warmup + args.duration + 240.0,
@@ -75,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             daemon.stop()
     result["pinning"] = {"server_cpu": server_cpu, "load_cpu": load_cpu}
+    result["store"] = f"cluster of {args.cluster} masters" if args.cluster else "one Redis"
     return result
 
 

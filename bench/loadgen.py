@@ -271,18 +271,27 @@ class CommandStats:
     def __init__(self, redis_url: str) -> None:
         import redis
 
-        self.client = redis.Redis.from_url(redis_url) if redis_url else None
+        # A cluster's seed list (redis+cluster://h:p,h:p) names the masters to sum over.
+        if redis_url.startswith("redis+cluster://"):
+            seeds = redis_url.removeprefix("redis+cluster://").split(",")
+            urls = [f"redis://{seed}/0" for seed in seeds]
+        else:
+            urls = [redis_url] if redis_url else []
+        self.clients = [redis.Redis.from_url(url) for url in urls]
         self.snapshot()
 
     def snapshot(self) -> dict[str, int]:
-        """Calls per command so far (commands run inside Lua scripts included)."""
-        if self.client is None:
-            return {}
-        return parse_commandstats(self.client.info("commandstats"))
+        """Calls per command so far (commands run inside Lua scripts included), summed
+        over the servers."""
+        total: dict[str, int] = {}
+        for client in self.clients:
+            for name, calls in parse_commandstats(client.info("commandstats")).items():
+                total[name] = total.get(name, 0) + calls
+        return total
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 def parse_commandstats(info: dict[str, Any]) -> dict[str, int]:
@@ -385,19 +394,25 @@ def machine_busy() -> tuple[float, float]:
 Sample = tuple[float, float, float, float, float, float]
 
 
+def _pids(value: int | Sequence[int] | None) -> list[int]:
+    if not value:
+        return []
+    return [value] if isinstance(value, int) else [pid for pid in value if pid]
+
+
 @dataclass
 class CpuProbe:
     """CPU seconds of the server, its Redis, this process and the whole machine."""
 
     server_pid: int | None
-    redis_pid: int | None
+    redis_pid: int | Sequence[int] | None
 
     def sample(self) -> Sample:
         busy, steal = machine_busy()
         return (
             time.monotonic(),
             tree_cpu_seconds(self.server_pid) if self.server_pid else 0.0,
-            cpu_seconds(self.redis_pid) if self.redis_pid else 0.0,
+            sum(cpu_seconds(pid) for pid in _pids(self.redis_pid)),
             time.process_time(),
             busy,
             steal,
@@ -1060,7 +1075,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--duration", type=float, default=5.0)
         p.add_argument("--redis-url", default="")
         p.add_argument("--server-pid", type=int, default=0)
-        p.add_argument("--redis-pid", type=int, default=0)
+        p.add_argument(
+            "--redis-pid",
+            type=lambda text: [int(pid) for pid in text.split(",") if pid],
+            default=[],
+            help="Redis process id (a cluster: the masters' ids, comma-separated)",
+        )
         if name == "ping":
             p.add_argument("--connect", action="store_true", help="establish real sessions")
         else:

@@ -8,13 +8,17 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
+import redis
 import redis.asyncio
+from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from faults import RedisServer
-from presence_daemon.batch import Batcher, LeanConnection
+from presence_daemon import keys
+from presence_daemon.batch import Batcher, LeanCluster, LeanConnection
+from presence_daemon.embedded import EmbeddedCluster
 from presence_daemon.presence import redis_client
 
 
@@ -141,3 +145,55 @@ async def test_lean_connection_times_out_on_a_stalled_redis_and_never_mixes_answ
             assert await lean.run([("GET", "b")]) == ["B"]
         finally:
             lean.close()
+
+
+async def test_lean_cluster_sends_each_command_to_its_slots_master(
+    cluster: EmbeddedCluster,
+) -> None:
+    cluster.flushall()
+    client = redis_client(cluster.url)
+    b = Batcher(client)
+    assert isinstance(b.lean, LeanCluster)
+    try:
+        users = [f"u{i}" for i in range(30)]  # spread over the three masters
+        masters = {cluster.node_for_key(keys.clients_key(u)).port for u in users}
+        assert len(masters) == 3
+        await b.execute_many([("HSET", keys.clients_key(u), "c", u) for u in users])
+        answers = await b.execute_many([("HGETALL", keys.clients_key(u)) for u in users])
+        assert answers == [{"c": u} for u in users]
+        assert b.pipelines == 2 and b.lean.resent == 0
+        # Each master holds its own users' keys: the commands went where they belong.
+        for user in users:
+            port = cluster.node_for_key(keys.clients_key(user)).port
+            with redis.Redis(port=port, decode_responses=True) as direct:
+                assert direct.hget(keys.clients_key(user), "c") == user
+    finally:
+        await b.close()
+        await client.aclose()
+
+
+async def test_lean_cluster_follows_a_redirect_from_a_stale_slot_map(
+    cluster: EmbeddedCluster,
+) -> None:
+    cluster.flushall()
+    client = redis_client(cluster.url)
+    assert isinstance(client, RedisCluster)
+    b = Batcher(client)
+    assert isinstance(b.lean, LeanCluster)
+    try:
+        key = keys.clients_key("alice")
+        await b.execute_command("HSET", key, "c", "1")
+        # The map now names another master for alice's slot (as after a failover or a
+        # resharding this client has not heard of): that node answers MOVED.
+        manager = client.nodes_manager
+        slot = client.keyslot(key)
+        right = manager.get_node_from_slot(slot)
+        wrong = next(n for n in client.get_primaries() if n.port != right.port)
+        manager.slots_cache[slot] = [wrong]
+        assert await b.execute_command("HGETALL", key) == {"c": "1"}
+        assert b.lean.resent == 1
+        # The cluster client learned the right node from the redirect.
+        assert manager.get_node_from_slot(slot).port == right.port
+    finally:
+        await b.close()
+        await client.aclose()

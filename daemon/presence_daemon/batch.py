@@ -10,8 +10,12 @@ as one non-transactional pipeline; each caller gets its own command's answer (or
 On a single Redis reached over TCP or a Unix socket (no TLS, no credential provider),
 the pipeline goes through :class:`LeanConnection`: one pipelined RESP2 connection of our
 own, packing with ``hiredis.pack_command`` and parsing with ``hiredis.Reader`` (both C),
-~3 us of CPU per command instead of ~25. Anything else (a cluster, TLS) goes through a
-redis-py pipeline, which splits it per node for a cluster.
+~3 us of CPU per command instead of ~25. On a cluster (no TLS), :class:`LeanCluster`
+sends each command over a LeanConnection to the master that serves its key's slot, as
+the cluster client's own slot map says; a command answered with a redirect (MOVED, ASK),
+a topology error (CLUSTERDOWN, TRYAGAIN) or lost with its node's connection is sent once
+more through the cluster client itself, which follows redirects and re-reads the
+topology. Anything else (TLS) goes through a redis-py pipeline.
 
 Nothing about atomicity changes: each command (or Lua script) is atomic on its own, as
 before, and commands of different callers never shared a transaction anyway. A caller
@@ -22,12 +26,13 @@ commands keep their order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 import hiredis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -252,6 +257,114 @@ class LeanConnection:
             self._protocol.transport.close()
 
 
+REDIRECTS: Final = ("MOVED ", "ASK ", "CLUSTERDOWN", "TRYAGAIN")
+"""Error replies after which a command is sent again through the cluster client."""
+
+
+def _key_of(args: Sequence[Any]) -> Any:
+    """The key a command is routed by (its first key), or None for a keyless command."""
+    name = str(args[0]).upper()
+    if name in ("EVALSHA", "EVAL"):
+        return args[3] if int(args[2]) > 0 else None
+    return args[1] if len(args) > 1 else None
+
+
+class LeanCluster:
+    """The lean path on a cluster: one LeanConnection per master (see the module doc).
+
+    ``cluster`` is the ``RedisCluster`` client whose slot map routes the commands and
+    which sends again what a node redirects or loses.
+    """
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        kwargs = cluster.nodes_manager.connection_kwargs
+        self.username: str | None = kwargs.get("username")
+        self.password: str | None = kwargs.get("password")
+        self.timeout = kwargs.get("socket_timeout") or DEFAULT_TIMEOUT
+        self.connect_timeout = kwargs.get("socket_connect_timeout") or self.timeout
+        self._nodes: dict[tuple[str, int], LeanConnection] = {}
+        self.resent = 0
+        """Commands sent again through the cluster client (redirects, lost nodes)."""
+
+    @classmethod
+    def for_client(cls, redis: Any) -> LeanCluster | None:
+        """A LeanCluster for ``redis`` if it is a cluster client this class can speak for."""
+        if not isinstance(redis, RedisCluster):
+            return None
+        from redis.asyncio.connection import Connection
+
+        kwargs = redis.nodes_manager.connection_kwargs
+        if kwargs.get("connection_class", Connection) is not Connection:
+            return None  # TLS
+        if kwargs.get("credential_provider") or kwargs.get("protocol") not in (None, 2, "2"):
+            return None
+        if not kwargs.get("decode_responses"):
+            return None
+        return cls(redis)
+
+    def _node(self, address: tuple[str, int]) -> LeanConnection:
+        connection = self._nodes.get(address)
+        if connection is None:
+            connection = LeanConnection(
+                host=address[0],
+                port=address[1],
+                timeout=self.timeout,
+                connect_timeout=self.connect_timeout,
+                username=self.username,
+                password=self.password,
+            )
+            self._nodes[address] = connection
+        return connection
+
+    async def run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands``, each to its slot's master; answers in order (an error as its
+        exception in place)."""
+        results: list[Any] = [None] * len(commands)
+        groups: dict[tuple[str, int], list[int]] = {}
+        again: list[int] = []
+        manager = self.cluster.nodes_manager
+        if not manager.slots_cache:
+            with contextlib.suppress(Exception):  # (then the cluster client sends it all)
+                await self.cluster.initialize()  # the slot map, read once
+        for i, args in enumerate(commands):
+            key = _key_of(args)
+            try:
+                node = manager.get_node_from_slot(self.cluster.keyslot(key))
+            except Exception:  # (keyless, or the slot map is not known yet)
+                again.append(i)
+                continue
+            groups.setdefault((node.host, int(node.port)), []).append(i)
+
+        async def send(address: tuple[str, int], indexes: list[int]) -> None:
+            try:
+                answers = await self._node(address).run([commands[i] for i in indexes])
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                answers = [exc] * len(indexes)
+            for i, answer in zip(indexes, answers, strict=True):
+                results[i] = answer
+
+        await asyncio.gather(*(send(address, indexes) for address, indexes in groups.items()))
+        for i, answer in enumerate(results):
+            if isinstance(answer, RedisConnectionError) or (
+                isinstance(answer, ResponseError) and str(answer).startswith(REDIRECTS)
+            ):
+                again.append(i)
+        if again:
+            self.resent += len(again)
+            resent = await asyncio.gather(
+                *(self.cluster.execute_command(*commands[i]) for i in again),
+                return_exceptions=True,
+            )
+            for i, answer in zip(again, resent, strict=True):
+                results[i] = answer  # (the cluster client shapes its own answers)
+        return results
+
+    def close(self) -> None:
+        for connection in self._nodes.values():
+            connection.close()
+
+
 class Batcher:
     """Send the commands of one event-loop tick as one pipeline.
 
@@ -262,8 +375,10 @@ class Batcher:
     def __init__(self, redis: Any, *, max_batch: int = MAX_BATCH, lean: bool = True) -> None:
         self.redis = redis
         self.max_batch = max_batch
-        self.lean = LeanConnection.for_client(redis) if lean else None
+        self.lean: LeanConnection | LeanCluster | None = None
         """The lean path, or None (redis-py pipelines)."""
+        if lean:
+            self.lean = LeanConnection.for_client(redis) or LeanCluster.for_client(redis)
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
