@@ -24,6 +24,60 @@ import ping_rate
 from loadgen import machine
 from ping_rate import cpu_us
 
+BEFORE: dict[str, tuple[str, str]] = {
+    "ping_ratio": ("0.54", "0.68-0.75 (other machine)"),
+    "ping_cpu_us": ("16.8", "10.4 (other machine)"),
+    "transitions_per_s": ("383", "857-958 (other machine)"),
+    "transition_cpu_us": ("2,600", "1,100 (other machine)"),
+    "commands_per_transition": ("81.3", "71.7"),
+    "cluster_transitions_per_s": ("not wired", "not wired"),
+}
+"""Figures before issue 12: main at e38d538 measured on this benchmark machine (2 CPUs,
+AMD EPYC; see docs/performance.md), and the issue's own baseline. Kept here so every run
+prints its figures beside them."""
+
+GOALS: dict[str, str] = {
+    "ping_ratio": ">= 0.90",
+    "ping_cpu_us": "",
+    "transitions_per_s": ">= 10,000 per process",
+    "transition_cpu_us": "",
+    "commands_per_transition": "<= 10",
+    "cluster_transitions_per_s": "",
+}
+
+
+def before_after(
+    ping: dict[str, Any], churn: dict[str, Any], cluster: dict[str, Any] | None
+) -> str:
+    """The issue-12 table: each figure before (this machine, and the issue's) and now."""
+    daemon = ping["daemon"]
+    now = {
+        "ping_ratio": f"{ping['ratio']:.2f}",
+        "ping_cpu_us": f"{cpu_us(daemon['server_cpu'], daemon['replies_per_s']):.1f}",
+        "transitions_per_s": fmt_rate(churn["transitions_per_s"]),
+        "transition_cpu_us": f"{cpu_us(churn['server_cpu'], churn['transitions_per_s']):,.0f}",
+        "commands_per_transition": f"{churn['redis_calls_per_transition']:.1f}",
+        "cluster_transitions_per_s": fmt_rate(cluster["transitions_per_s"]) if cluster else "-",
+    }
+    names = {
+        "ping_ratio": "pings: daemon / ceiling",
+        "ping_cpu_us": "pings: daemon cpu-us per ping",
+        "transitions_per_s": "transitions/s, one process, 20 friends",
+        "transition_cpu_us": "transitions: daemon cpu-us each",
+        "commands_per_transition": "Redis commands per transition",
+        "cluster_transitions_per_s": "transitions/s on a 3-master cluster",
+    }
+    rows = [("figure", "before (e38d538)", "now", "issue baseline", "goal")]
+    for key, name in names.items():
+        rows.append((name, BEFORE[key][0], now[key], BEFORE[key][1], GOALS[key]))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
 
 def fmt_rate(value: float) -> str:
     return f"{value:,.0f}"
@@ -170,6 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="also measure pings with this many daemon processes against 1 (1: skip)",
     )
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=3,
+        metavar="MASTERS",
+        help="also measure transitions on a Valkey Cluster of this many masters (0: skip)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     args = parser.parse_args(argv)
 
@@ -201,10 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         friends=20,
         window=64,
         sockets=16,
+        cluster=0,
     )
     print("\n== connect rate (bench/connect_rate.py)", flush=True)
     churn = connect_rate.run(churn_args)
     print(connect_rate.report(churn), flush=True)
+    cluster = None
+    if args.cluster:
+        print(f"\n== connect rate on a {args.cluster}-master cluster (--cluster)", flush=True)
+        cluster = connect_rate.run(
+            argparse.Namespace(**{**vars(churn_args), "cluster": args.cluster})
+        )
+        print(connect_rate.report(cluster), flush=True)
 
     latency_parser = argparse.ArgumentParser()
     notify_latency.add_arguments(latency_parser)
@@ -215,10 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"\n== summary ({time.monotonic() - started:.0f} s)")
     print(summary(ping, churn, latency))
+    print("\n== issue 12: before and after")
+    print(before_after(ping, churn, cluster))
     busy = max(
         ping["ceiling"]["other_cpu"],
         ping["daemon"]["other_cpu"],
         churn["other_cpu"],
+        *([cluster["other_cpu"]] if cluster else []),
         *(latency[name]["other_cpu"] for name, _, _ in notify_latency.SETTINGS),
     )
     if ping["pinning"]["server_cpu"] is None:
@@ -236,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.json:
         results = {"machine": info, "ping": ping, "connect": churn, "latency": latency}
+        if cluster:
+            results["connect_cluster"] = cluster
         print(json.dumps(results, indent=2))
     return 0
 

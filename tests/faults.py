@@ -64,7 +64,7 @@ from typing import Any, Final, Literal, Self, TypeVar, cast
 import pytest
 
 from daemons import DaemonFactory
-from presence_daemon.embedded import EmbeddedRedis, find_redis_server
+from presence_daemon.embedded import SERVER_TUNING, EmbeddedRedis, find_redis_server
 
 __all__ = [
     "Direction",
@@ -851,6 +851,7 @@ class RedisServer:
             LOOPBACK,
             "--port",
             str(port),
+            *SERVER_TUNING,
         ]
         with open(log_path, "ab") as log:
             return subprocess.Popen(
