@@ -938,9 +938,14 @@ class Presence:
         )
         view: list[FriendState] | None = None
         routes: dict[str, Any] = {}
-        if want is not None and declared:
-            view, routes = await self._peek_all(user, declared[0], want.before)
-        await self._tell(user, pending, decided=bool(went_online), routes=routes)
+        try:
+            if want is not None and declared:
+                view, routes = await self._peek_all(user, declared[0], want.before)
+            await self._tell(user, pending, decided=bool(went_online), routes=routes)
+        except BaseException:
+            # (cancelled: the bookkeeping's outcome is nobody's now, but is retrieved)
+            cleanup.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise
         try:
             results, claimed = await cleanup
             for result in results:
