@@ -2,6 +2,8 @@
 
 ``.venv/bin/python bench/run.py [--duration S] [--clients N] [--processes N] [--json]``
 
+With ``--json`` the report goes to stderr and stdout holds only the JSON document.
+
 The figures are for the machine printed above the table; on a 2-core machine the server
 gets one core and the load generator the other (see bench/README.md).
 """
@@ -9,6 +11,7 @@ gets one core and the load generator the other (see bench/README.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -233,11 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="also print the raw results")
     args = parser.parse_args(argv)
+    # With --json, stdout is the JSON document alone (tools compare versions by it); the
+    # human-readable report goes to stderr.
+    say = functools.partial(print, file=sys.stderr if args.json else sys.stdout)
 
     info = machine()
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-    print(f"command: {command}  (make bench)")
-    print(
+    say(f"command: {command}  (make bench)")
+    say(
         f"machine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
         f"{info['platform']}, load average before start {os.getloadavg()[0]:.2f}"
     )
@@ -251,9 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         window=16,
         processes=args.processes,
     )
-    print("\n== ping rate (bench/ping_rate.py)", flush=True)
+    say("\n== ping rate (bench/ping_rate.py)", flush=True)
     ping = ping_rate.run(ping_args)
-    print(ping_rate.report(ping), flush=True)
+    say(ping_rate.report(ping), flush=True)
 
     churn_args = argparse.Namespace(
         duration=args.duration,
@@ -264,28 +270,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         sockets=16,
         cluster=0,
     )
-    print("\n== connect rate (bench/connect_rate.py)", flush=True)
+    say("\n== connect rate (bench/connect_rate.py)", flush=True)
     churn = connect_rate.run(churn_args)
-    print(connect_rate.report(churn), flush=True)
+    say(connect_rate.report(churn), flush=True)
     cluster = None
     if args.cluster:
-        print(f"\n== connect rate on a {args.cluster}-master cluster (--cluster)", flush=True)
+        say(f"\n== connect rate on a {args.cluster}-master cluster (--cluster)", flush=True)
         cluster = connect_rate.run(
             argparse.Namespace(**{**vars(churn_args), "cluster": args.cluster})
         )
-        print(connect_rate.report(cluster), flush=True)
+        say(connect_rate.report(cluster), flush=True)
 
     latency_parser = argparse.ArgumentParser()
     notify_latency.add_arguments(latency_parser)
     latency_args = latency_parser.parse_args(["--cycles", str(args.latency_cycles)])
-    print("\n== notify latency (bench/notify_latency.py)", flush=True)
+    say("\n== notify latency (bench/notify_latency.py)", flush=True)
     latency = notify_latency.run(latency_args)
-    print(notify_latency.report(latency), flush=True)
+    say(notify_latency.report(latency), flush=True)
 
-    print(f"\n== summary ({time.monotonic() - started:.0f} s)")
-    print(summary(ping, churn, latency))
-    print("\n== issue 12: before and after")
-    print(before_after(ping, churn, cluster))
+    say(f"\n== summary ({time.monotonic() - started:.0f} s)")
+    say(summary(ping, churn, latency))
+    say("\n== issue 12: before and after")
+    say(before_after(ping, churn, cluster))
     busy = max(
         ping["ceiling"]["other_cpu"],
         ping["daemon"]["other_cpu"],
@@ -294,15 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         *(latency[name]["other_cpu"] for name, _, _ in notify_latency.SETTINGS),
     )
     if ping["pinning"]["server_cpu"] is None:
-        print("note: fewer than 2 CPUs available: server and load generator were not pinned.")
+        say("note: fewer than 2 CPUs available: server and load generator were not pinned.")
     else:
-        print(
+        say(
             f"note: only {info['nproc']} CPUs here: the server runs on cpu "
             f"{ping['pinning']['server_cpu']}, the load generator (and Redis) on cpu "
             f"{ping['pinning']['load_cpu']}; nothing else should run meanwhile."
         )
     if busy > 0.1:
-        print(
+        say(
             f"warning: other processes used up to {busy:.0%} of a core during the runs; "
             "the figures are low and noisy. Re-run on an idle machine."
         )
@@ -310,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = {"machine": info, "ping": ping, "connect": churn, "latency": latency}
         if cluster:
             results["connect_cluster"] = cluster
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))  # stdout holds the JSON document alone
     return 0
 
 
