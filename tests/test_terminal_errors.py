@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import tty
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -129,7 +130,7 @@ def test_q_in_line_mode_while_connecting_quits_at_once(silent: socket.socket) ->
 
 def test_q_key_on_a_terminal_while_connecting_quits_at_once(silent: socket.socket) -> None:
     """The live view on a pseudo-terminal: one ``q`` key (no Enter) quits while connecting,
-    and is consumed by the client (not left for the shell)."""
+    and is consumed by the client (not left in the terminal for the shell)."""
     master, slave = os.openpty()
     args = [PROGRAM, "--user", "alice", "--friend", "bob", "--server", address(silent)]
     try:
@@ -140,8 +141,6 @@ def test_q_key_on_a_terminal_while_connecting_quits_at_once(silent: socket.socke
             stderr=slave,
             env={**os.environ, "TERM": "xterm", "COLUMNS": "80", "LINES": "24"},
         )
-        os.close(slave)
-        slave = -1
         try:
             silent.recvfrom(4096)
             os.write(master, b"q")
@@ -150,13 +149,23 @@ def test_q_key_on_a_terminal_while_connecting_quits_at_once(silent: socket.socke
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        assert _pending_input(slave) == b""  # what a shell would read next
         screen = _drain(master)
         assert "alice" in screen  # the live view was drawn
         assert "Traceback" not in screen
     finally:
         os.close(master)
-        if slave >= 0:
-            os.close(slave)
+        os.close(slave)
+
+
+def _pending_input(slave: int) -> bytes:
+    """Input typed on the terminal that nobody has read yet (even without a newline)."""
+    tty.setraw(slave)
+    os.set_blocking(slave, False)
+    try:
+        return os.read(slave, 4096)
+    except BlockingIOError:
+        return b""
 
 
 def _drain(master: int) -> str:

@@ -14,9 +14,9 @@ the connection and the last transitions; otherwise one line per event is printed
 disconnect cleanly and exit 0; ``--duration`` exits by itself. End of stdin does not
 quit. No daemon answering exits 1; a bad command-line value exits 2 with one line.
 
-Before a connection is made, ``q`` quits at once (exit 0), Ctrl-C or SIGTERM exit
-128 + the signal number (130, 143) and the end of ``--duration`` exits 1, each with
-one line on stderr naming the server(s) and no "disconnected" line.
+Before a connection is made, ``q`` quits at once (exit 0, silently), Ctrl-C or SIGTERM
+exit 128 + the signal number (130, 143) and the end of ``--duration`` exits 1, these
+two with one line on stderr naming the server(s); none prints "disconnected".
 ``python -m presence_client`` runs the same program.
 """
 
@@ -465,8 +465,8 @@ async def run_client(
     """Connect, show events until quit/signal/duration, disconnect; the exit code.
 
     Before the connection is made, ``q`` quits at once (exit 0), a signal exits
-    128 + its number and the end of ``--duration`` exits 1, each with no
-    "disconnected" line (there was no connection to end).
+    128 + its number and the end of ``--duration`` exits 1 (see :func:`_not_connected`),
+    with no "disconnected" line (there was no connection to end).
     """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
