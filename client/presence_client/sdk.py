@@ -129,12 +129,16 @@ def parse_server(text: str) -> Server:
     if not sep or (host.count(":") and not host.startswith("[")):
         host, port_text = text, str(DEFAULT_PORT)
     host = host.strip("[]")
+    if not host:
+        raise ValueError(f"invalid server {text!r}: no host (expected HOST:PORT)")
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"invalid server {text!r}: port must be a number") from None
-    if not host or not 0 < port < 65536:
-        raise ValueError(f"invalid server {text!r}: expected HOST:PORT")
+        raise ValueError(
+            f"invalid server {text!r}: port {port_text!r} is not a number (expected 1-65535)"
+        ) from None
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid server {text!r}: port {port} is out of range (1-65535)")
     return host, port
 
 

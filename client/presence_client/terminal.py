@@ -13,6 +13,11 @@ the connection and the last transitions; otherwise one line per event is printed
 :mod:`presence_client.render`). ``q`` (plus Enter in line mode), Ctrl-C or SIGTERM
 disconnect cleanly and exit 0; ``--duration`` exits by itself. End of stdin does not
 quit. No daemon answering exits 1; a bad command-line value exits 2 with one line.
+
+Before a connection is made, ``q`` quits at once (exit 0, silently), Ctrl-C or SIGTERM
+exit 128 + the signal number (130, 143) and the end of ``--duration`` exits 1, these
+two with one line on stderr naming the server(s); none prints "disconnected".
+``python -m presence_client`` runs the same program.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,8 +40,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 
+from presence_client import __version__
 from presence_client.protocol import MAX_NAME_CHARS, ProtocolError, normalize_name
-from presence_client.render import ViewState, render_event_line, render_friend_lines, render_view
+from presence_client.render import (
+    ViewState,
+    format_server,
+    render_event_line,
+    render_friend_lines,
+    render_view,
+)
 from presence_client.sdk import (
     DEFAULT_PORT,
     Event,
@@ -54,6 +67,17 @@ NAME_RULE: Final = (
     "no spaces or symbols"
 )
 QUIT_WORDS: Final = frozenset({"q", "quit", "exit"})
+DISTRIBUTION: Final = "presence-service"
+
+
+def package_version() -> str:
+    """The installed distribution's version (the package's own when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return __version__
 
 
 class UsageError(Exception):
@@ -135,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
             "terminal). q + Enter, Ctrl-C or SIGTERM quit."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     parser.add_argument("--user", type=_name_type("user name"), help="who you are")
     parser.add_argument(
         "--friend",
@@ -210,6 +235,8 @@ def _token_source(opts: Options) -> TokenSource | None:
 def parse_args(argv: Sequence[str] | None) -> Options:
     """Parse the command line; raises UsageError (one line) for a bad value."""
     args = build_parser().parse_args(argv)
+    if args.user is not None and args.user in args.friends:
+        raise UsageError(f"--friend {args.user!r} is you (--user {args.user!r}): list others")
     return Options(
         user=args.user,
         friends=tuple(args.friends),
@@ -307,10 +334,12 @@ def read_names(
         if not name:
             return user, friends
         friend = _canonical_name(name)
-        if friend is not None:
-            friends.append(friend)
-        else:
+        if friend is None:
             print(f"invalid friend name {name!r}: expected {NAME_RULE}", file=err, flush=True)
+        elif friend == user:
+            print(f"friend name {name!r} is you: list others", file=err, flush=True)
+        else:
+            friends.append(friend)
 
 
 def _watch_input(
@@ -433,12 +462,24 @@ async def run_client(
     out: TextIO,
     err: TextIO,
 ) -> int:
-    """Connect, show events until quit/signal/duration, disconnect; the exit code."""
+    """Connect, show events until quit/signal/duration, disconnect; the exit code.
+
+    Before the connection is made, ``q`` quits at once (exit 0), a signal exits
+    128 + its number and the end of ``--duration`` exits 1 (see :func:`_not_connected`),
+    with no "disconnected" line (there was no connection to end).
+    """
     loop = asyncio.get_running_loop()
+    started = time.monotonic()
     stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     client = PresenceClient(
         user,
         friends,
@@ -455,31 +496,51 @@ async def run_client(
     else:
         _setup_logging(opts.log_level, None)
         display = PlainDisplay(client, out)
-    client.add_listener(display.on_event)
+    shown = True
+
+    def show(event: Event) -> None:
+        if shown:
+            display.on_event(event)
+
+    client.add_listener(show)
     single_keys = live and source is not None and source.is_tty
     keys = _cbreak(source.fd) if single_keys and source else contextlib.nullcontext()
     try:
         with keys, display:
+            # Read keys from the start: q quits while connecting too, and in single-key
+            # mode no key is left in the terminal for the shell after exit.
+            if source is not None:
+                _watch_input(loop, source, single_keys, stop.set)
             connecting = asyncio.create_task(client.connect())
-            waiting = asyncio.create_task(asyncio.wait_for(stop.wait(), opts.duration))
-            await asyncio.wait({connecting, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if connecting.done():
+            stopping = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait(
+                    {connecting, stopping},
+                    timeout=opts.duration,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not connecting.done():
+                    connecting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, PresenceClientError, OSError):
+                        await connecting
+                    shown = False  # never connected: no "disconnected" line
+                    with contextlib.suppress(PresenceClientError):
+                        await client.disconnect()  # closes the socket
+                    display.close()
+                    return _not_connected(opts, received, stop.is_set(), err)
                 try:
                     connecting.result()
                 except (PresenceClientError, OSError) as exc:
-                    waiting.cancel()
-                    error = f"{PROG}: error: could not connect: {exc}"
                     display.close()
-                    print(error, file=err, flush=True)
+                    print(f"{PROG}: error: could not connect: {exc}", file=err, flush=True)
                     return 1
-                if source is not None:
-                    _watch_input(loop, source, single_keys, stop.set)
-                with contextlib.suppress(TimeoutError):
-                    await waiting
-            else:
-                connecting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, PresenceClientError):
-                    await connecting
+                if opts.duration is None:
+                    await stopping
+                else:
+                    remaining = opts.duration - (time.monotonic() - started)
+                    await asyncio.wait({stopping}, timeout=max(0.0, remaining))
+            finally:
+                stopping.cancel()
             try:
                 await client.disconnect()
             except PresenceClientError as exc:
@@ -490,6 +551,24 @@ async def run_client(
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+
+
+def _not_connected(opts: Options, received: Sequence[int], quit_typed: bool, err: TextIO) -> int:
+    """Report a stop before any connection was made; the exit code."""
+    servers = ", ".join(format_server(server) for server in opts.servers)
+    if received:
+        name = signal.Signals(received[0]).name
+        print(f"{PROG}: {name} while connecting to {servers}: not connected", file=err, flush=True)
+        return 128 + received[0]
+    if quit_typed:
+        return 0
+    print(
+        f"{PROG}: error: could not reach {servers} within --duration {opts.duration:g}s "
+        "(no answer yet)",
+        file=err,
+        flush=True,
+    )
+    return 1
 
 
 def _setup_logging(level: str, console: Console | None) -> None:

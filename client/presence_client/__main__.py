@@ -1,0 +1,7 @@
+"""``python -m presence_client``: the terminal client (same as ``presence-client``)."""
+
+import sys
+
+from presence_client.terminal import main
+
+sys.exit(main())
