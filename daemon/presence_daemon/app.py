@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 from presence_daemon import auth
-from presence_daemon.config import Config, ConfigError
+from presence_daemon.config import Config, ConfigError, safe_url
 from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import InstanceIdInUse, Presence, redis_client
 from presence_daemon.server import Address, Server
@@ -122,7 +122,7 @@ async def serve(
                 server.start()
                 host, port = transport.get_extra_info("sockname")[:2]
                 print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
-                log.info("serving on udp://%s:%d with redis %s", host, port, _safe_url(redis_url))
+                log.info("serving on udp://%s:%d with redis %s", host, port, safe_url(redis_url))
                 _log_auth(config, verifier)
                 if on_ready is not None:
                     on_ready(server, (host, port))
@@ -195,28 +195,13 @@ def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket
     return sock
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password (the user name stays), for logs and errors."""
-    url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not sep or "@" not in authority:
-        return url
-    userinfo, _, host = authority.rpartition("@")
-    host += slash + path
-    user, colon, _ = userinfo.partition(":")
-    if not colon:  # "redis://secret@host": redis-py reads that as a user, but hide it
-        return f"{scheme}://***@{host}"
-    return f"{scheme}://{user}:***@{host}"
-
-
 def _credentials_refused(url: str) -> str:
     """The one line for a Redis that refused our credentials (or their absence)."""
     if _has_password(url):
         why = "wrong user name or password (or the user is disabled)"
     else:
         why = "it needs a password (redis://[USER]:PASSWORD@HOST:PORT/DB) and the URL has none"
-    return f"Redis at {_safe_url(url)} refused the connection: {why}"
+    return f"Redis at {safe_url(url)} refused the connection: {why}"
 
 
 def _has_password(url: str) -> bool:
