@@ -84,8 +84,9 @@ async def serve(
 ) -> Server:
     """Serve until ``shutdown_trigger()`` returns; then drain and clean up.
 
-    Returns the Server (its counters are final). Raises redis errors or OSError if
-    Redis or the UDP port cannot be reached at start-up.
+    Returns the Server (its counters are final). Raises BindError if the UDP port cannot
+    be bound (before any Redis is started or reached), redis errors or OSError if Redis
+    cannot be reached at start-up.
     """
     verifier = auth.from_config(config)  # before anything starts: bad key files fail fast
     # The port next: one in use (or an address not ours) fails before any Redis starts.
@@ -173,6 +174,9 @@ def _enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
 class BindError(OSError):
     """The UDP port cannot be bound; the message names host:port and the reason."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]"
+        return self.strerror or super().__str__()
+
 
 def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to ``host:port``, or BindError saying why not
@@ -237,9 +241,6 @@ def run(config: Config) -> int:
         return 2
     except InstanceIdInUse as exc:
         print(f"presence-daemon: error: {exc}", file=sys.stderr)
-        return 1
-    except BindError as exc:
-        print(f"presence-daemon: error: {exc.strerror}", file=sys.stderr)
         return 1
     except (OSError, ConnectionError) as exc:
         print(f"presence-daemon: error: {exc}", file=sys.stderr)
