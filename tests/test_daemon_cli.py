@@ -21,7 +21,13 @@ import pytest
 
 from daemons import DaemonProcess, RawPeer, daemon_env
 from presence_client.protocol import is_valid_name
-from presence_daemon.config import Config, ConfigError, config_args, config_from_args
+from presence_daemon.config import (
+    Config,
+    ConfigError,
+    config_args,
+    config_from_args,
+    safe_url,
+)
 from presence_daemon.embedded import find_redis_server
 
 RUN_TIMEOUT = 20.0
@@ -514,3 +520,20 @@ def test_version(module: str, prog: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{prog} {metadata.version('presence-service')}\n"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("redis://bob:pw@h:1/0", "redis://bob:***@h:1/0"),
+        ("redis://pw@h:1/0", "redis://***@h:1/0"),
+        ("rediss://bob:p@w@h:1/0", "rediss://bob:***@h:1/0"),
+        ("unix://:pw@/tmp/redis.sock", "unix://:***@/tmp/redis.sock"),
+        ("redis://h:1/0?password=pw&db=1", "redis://h:1/0?password=***&db=1"),
+        ("redis+cluster://bob:pw@a:1,b:2", "redis+cluster://bob:***@a:1,b:2"),
+    ],
+)
+def test_safe_url_hides_the_password_only(url: str, shown: str) -> None:
+    assert safe_url(url) == shown
