@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,14 @@ import pytest
 
 from daemons import DaemonProcess, RawPeer, daemon_env
 from presence_client.protocol import is_valid_name
-from presence_daemon.config import Config, ConfigError, config_args, config_from_args
+from presence_daemon.config import (
+    Config,
+    ConfigError,
+    config_args,
+    config_from_args,
+    safe_url,
+)
+from presence_daemon.embedded import find_redis_server
 
 RUN_TIMEOUT = 20.0
 """Upper bound for a command that is expected to exit by itself."""
@@ -339,3 +348,202 @@ def test_config_args_give_a_worker_the_same_settings() -> None:
     )
     assert config_from_args(config_args(config), environ={}) == config
     assert config_from_args(config_args(Config(processes=1)), environ={}) == Config(processes=1)
+
+
+# ---------------------------------------------------------------------------
+# Rough edges of issue 13: the port, the Redis URL, credentials, help and --version.
+
+
+def _held_udp_port() -> socket.socket:
+    """A UDP socket bound to a free loopback port (without SO_REUSEPORT), to be in use."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def test_port_in_use_is_one_line_with_the_reason_before_any_redis_starts() -> None:
+    with _held_udp_port() as held:
+        port = held.getsockname()[1]
+        result = run("--host", "127.0.0.1", "--port", str(port), "--embedded-redis")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    # One line: the port is bound first, so no embedded redis-server was started
+    # (its "started embedded redis-server" line would come before the error).
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0], lines[0]
+    assert "address already in use" in lines[0], lines[0]
+    assert "listening" not in result.stdout
+
+
+def test_port_in_use_under_the_supervisor_says_the_same() -> None:
+    with _held_udp_port() as held:
+        port = held.getsockname()[1]
+        result = run("--host", "127.0.0.1", "--port", str(port), "--processes", "2")
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"cannot listen on udp://127.0.0.1:{port}: address already in use" in last, last
+    assert "listening" not in result.stdout
+
+
+def test_an_address_not_ours_is_told_apart_from_a_port_in_use() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never assigned to this machine.
+    result = run("--host", "192.0.2.1", "--port", "0", "--insecure-no-auth", "--embedded-redis")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "192.0.2.1:0" in lines[0], lines[0]
+    assert "cannot assign requested address" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (
+            ["--embedded-redis", "--redis-url", "redis://:pw@10.0.0.1:6379/0"],
+            {},
+            ["--redis-url", "--embedded-redis", "redis://:***@10.0.0.1:6379/0"],
+        ),
+        (
+            ["--embedded-redis"],
+            {"PRESENCE_REDIS_URL": "redis://10.0.0.1:6379/0"},
+            ["PRESENCE_REDIS_URL", "--embedded-redis", "redis://10.0.0.1:6379/0"],
+        ),
+        (
+            ["--redis-url", "redis://10.0.0.1:6379/0"],
+            {"PRESENCE_EMBEDDED_REDIS": "1"},
+            ["--redis-url", "PRESENCE_EMBEDDED_REDIS"],
+        ),
+        (
+            [],
+            {"PRESENCE_EMBEDDED_REDIS": "yes", "PRESENCE_REDIS_URL": "redis://10.0.0.1:6379/0"},
+            ["PRESENCE_REDIS_URL", "PRESENCE_EMBEDDED_REDIS"],
+        ),
+    ],
+    ids=["flags", "flag-and-env-url", "env-embedded-and-flag", "env"],
+)
+def test_embedded_redis_with_a_redis_url_is_refused(
+    args: list[str], env: dict[str, str], named: list[str]
+) -> None:
+    result = run("--port", "0", *args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in named:
+        assert text in lines[0], (text, lines[0])
+    assert ":pw@" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_embedded_redis_off_in_the_environment_keeps_the_url() -> None:
+    environ = {"PRESENCE_EMBEDDED_REDIS": "0", "PRESENCE_REDIS_URL": "redis://h:1/0"}
+    config = config_from_args(["--port", "0"], environ=environ)
+    assert (config.embedded_redis, config.redis_url) == (False, "redis://h:1/0")
+    config = config_from_args(["--embedded-redis"], environ={})
+    assert config.embedded_redis and config.redis_url == Config().redis_url
+
+
+PASSWORD = "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real redis-server that requires PASSWORD; yields its port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            find_redis_server(),
+            *("--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD),
+            *("--save", "", "--appendonly", "no"),
+        ],
+        cwd=tmp_path_factory.mktemp("password-redis"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not port_open(port):
+            assert process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=RUN_TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "shown", "reason"),
+    [
+        ("", "redis://127.0.0.1:{port}/0", "needs a password"),
+        (":wrong@", "redis://:***@127.0.0.1:{port}/0", "wrong user name or password"),
+        ("nobody:wrong@", "redis://nobody:***@127.0.0.1:{port}/0", "wrong user name or password"),
+    ],
+    ids=["no-password", "wrong-password", "unknown-user"],
+)
+def test_redis_refusing_credentials_is_one_line_naming_the_url(
+    password_redis: int, userinfo: str, shown: str, reason: str
+) -> None:
+    url = f"redis://{userinfo}127.0.0.1:{password_redis}/0"
+    result = run("--port", "0", "--redis-url", url)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "refused the connection" in lines[0], lines[0]
+    assert shown.format(port=password_redis) in lines[0], lines[0]
+    assert reason in lines[0], lines[0]
+    assert "wrong@" not in lines[0] and "HELLO" not in lines[0], lines[0]
+    assert "listening" not in result.stdout
+
+
+def test_the_right_password_serves(password_redis: int) -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{password_redis}/0"
+    with DaemonProcess(url, "with-password") as daemon:
+        assert daemon.terminate() == 0, daemon.stderr()
+        assert PASSWORD not in daemon.stderr(), daemon.stderr()
+
+
+def test_help_shows_choices_and_no_empty_defaults() -> None:
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    assert "--log-level {debug,info,warning,error}" in result.stdout
+    assert "--friend-lists {clients,app}" in result.stdout
+    assert "''" not in result.stdout  # e.g. --instance-id: "default host-random" says it
+    assert "--version" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "prog"),
+    [("presence_daemon", "presence-daemon"), ("presence_daemon.demo", "presence-demo")],
+)
+def test_version(module: str, prog: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--version"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{prog} {metadata.version('presence-service')}\n"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("redis://bob:pw@h:1/0", "redis://bob:***@h:1/0"),
+        ("redis://pw@h:1/0", "redis://***@h:1/0"),
+        ("rediss://bob:p@w@h:1/0", "rediss://bob:***@h:1/0"),
+        ("unix://:pw@/tmp/redis.sock", "unix://:***@/tmp/redis.sock"),
+        ("redis://h:1/0?password=pw&db=1", "redis://h:1/0?password=***&db=1"),
+        ("redis+cluster://bob:pw@a:1,b:2", "redis+cluster://bob:***@a:1,b:2"),
+    ],
+)
+def test_safe_url_hides_the_password_only(url: str, shown: str) -> None:
+    assert safe_url(url) == shown

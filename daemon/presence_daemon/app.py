@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 from presence_daemon import auth
-from presence_daemon.config import Config, ConfigError
+from presence_daemon.config import Config, ConfigError, safe_url
 from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import InstanceIdInUse, Presence, redis_client
 from presence_daemon.server import Address, Server
@@ -83,52 +84,61 @@ async def serve(
 ) -> Server:
     """Serve until ``shutdown_trigger()`` returns; then drain and clean up.
 
-    Returns the Server (its counters are final). Raises redis errors or OSError if
-    Redis or the UDP port cannot be reached at start-up.
+    Returns the Server (its counters are final). Raises BindError if the UDP port cannot
+    be bound (before any Redis is started or reached), redis errors or OSError if Redis
+    cannot be reached at start-up.
     """
     verifier = auth.from_config(config)  # before anything starts: bad key files fail fast
+    # The port next: one in use (or an address not ours) fails before any Redis starts.
+    # Datagrams that arrive before the daemon serves wait in the socket's buffer.
+    sock: socket.socket | None = bind_udp(config.host, config.port, reuse_port=config.reuse_port)
     embedded: EmbeddedRedis | None = None
-    redis_url = config.redis_url
-    if config.embedded_redis:
-        embedded = EmbeddedRedis()
-        embedded.start()
-        redis_url = embedded.url
-        log.info("started embedded redis-server at %s", redis_url)
-    presence = Presence(
-        redis_client(redis_url, max_connections=config.workers + 16, timeout=config.redis_timeout),
-        instance_id=config.pick_instance_id(),
-        max_friends=config.max_friends,
-        lease_ttl=config.lease_ttl,
-    )
-    # Before start(): reaping at start notifies friends.
-    server = Server(config, presence, verifier=verifier)
-    trigger = shutdown_trigger or _install_signal_trigger()
     try:
-        await presence.start()
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: DatagramHandler(server),
-            local_addr=(config.host, config.port),
-            reuse_port=config.reuse_port or None,
+        redis_url = config.redis_url
+        if config.embedded_redis:
+            embedded = EmbeddedRedis()
+            embedded.start()
+            redis_url = embedded.url
+            log.info("started embedded redis-server at %s", redis_url)
+        presence = Presence(
+            redis_client(
+                redis_url, max_connections=config.workers + 16, timeout=config.redis_timeout
+            ),
+            instance_id=config.pick_instance_id(),
+            max_friends=config.max_friends,
+            lease_ttl=config.lease_ttl,
         )
-        _enlarge_receive_buffer(transport)
+        # Before start(): reaping at start notifies friends.
+        server = Server(config, presence, verifier=verifier)
+        trigger = shutdown_trigger or _install_signal_trigger()
         try:
-            server.start()
-            host, port = transport.get_extra_info("sockname")[:2]
-            print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
-            log.info("serving on udp://%s:%d with redis %s", host, port, _safe_url(redis_url))
-            _log_auth(config, verifier)
-            if on_ready is not None:
-                on_ready(server, (host, port))
-            await trigger()
-            log.info("shutting down: removing %d clients from Redis", len(server.by_client))
-            await server.stop()
+            await presence.start()
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: DatagramHandler(server), sock=sock
+            )
+            sock = None  # the transport's now
+            _enlarge_receive_buffer(transport)
+            try:
+                server.start()
+                host, port = transport.get_extra_info("sockname")[:2]
+                print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
+                log.info("serving on udp://%s:%d with redis %s", host, port, safe_url(redis_url))
+                _log_auth(config, verifier)
+                if on_ready is not None:
+                    on_ready(server, (host, port))
+                await trigger()
+                log.info("shutting down: removing %d clients from Redis", len(server.by_client))
+                await server.stop()
+            finally:
+                transport.close()
+            log.info("stopped; counters: %s", dict(sorted(server.counters.items())))
+            return server
         finally:
-            transport.close()
-        log.info("stopped; counters: %s", dict(sorted(server.counters.items())))
-        return server
+            await presence.close()
     finally:
-        await presence.close()
+        if sock is not None:
+            sock.close()
         if embedded is not None:
             embedded.stop()
 
@@ -161,12 +171,48 @@ def _enlarge_receive_buffer(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
-def _safe_url(url: str) -> str:
-    """The URL without a password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+class BindError(OSError):
+    """The UDP port cannot be bound; the message names host:port and the reason."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]"
+        return self.strerror or super().__str__()
+
+
+def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port``, or BindError saying why not
+    (e.g. "address already in use", "cannot assign requested address")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        reason = (exc.strerror or str(exc)).lower()
+        raise BindError(exc.errno, f"cannot listen on udp://{where}: {reason}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _credentials_refused(url: str) -> str:
+    """The one line for a Redis that refused our credentials (or their absence)."""
+    if _has_password(url):
+        why = "wrong user name or password (or the user is disabled)"
+    else:
+        why = "it needs a password (redis://[USER]:PASSWORD@HOST:PORT/DB) and the URL has none"
+    return f"Redis at {safe_url(url)} refused the connection: {why}"
+
+
+def _has_password(url: str) -> bool:
+    if re.search(r"[?&]password=", url):
+        return True
+    authority = url.partition("://")[2].partition("/")[0]
+    return ":" in authority.rpartition("@")[0]
 
 
 def _run_with_uvloop(main: Coroutine[Any, Any, object]) -> None:
@@ -200,8 +246,13 @@ def run(config: Config) -> int:
         print(f"presence-daemon: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from redis.exceptions import RedisError
+        from redis.exceptions import AuthenticationError, RedisError
 
+        if isinstance(exc, AuthenticationError) and not config.embedded_redis:
+            print(
+                f"presence-daemon: error: {_credentials_refused(config.redis_url)}", file=sys.stderr
+            )
+            return 1
         if isinstance(exc, RedisError):
             print(f"presence-daemon: error: Redis: {exc}", file=sys.stderr)
             return 1

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import secrets
 import socket
 import sys
@@ -313,6 +314,7 @@ def build_parser(prog: str = "presence-daemon") -> argparse.ArgumentParser:
             "also be set with the environment variable shown in its help."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     defaults = Config()
     for field in fields(Config):
         flag = "--" + field.name.replace("_", "-")
@@ -328,13 +330,34 @@ def build_parser(prog: str = "presence-daemon") -> argparse.ArgumentParser:
                 help=f"{doc} [env {env}]",
             )
         else:
+            choices = _CHOICES.get(field.name)
+            # An empty default means "none" (the help says what happens then).
+            shown = f" (default: {default!r})" if default != "" else ""
             parser.add_argument(
                 flag,
-                metavar=field.name.upper(),
+                # Choices only shown, not enforced here: a bad value (from a flag or its
+                # variable alike) is refused by Config with one line naming it.
+                metavar="{" + ",".join(choices) + "}" if choices else field.name.upper(),
                 default=None,
-                help=f"{doc} (default: {default!r}) [env {env}]",
+                help=f"{doc}{shown} [env {env}]",
             )
     return parser
+
+
+_CHOICES: Final[dict[str, tuple[str, ...]]] = {
+    "log_level": LOG_LEVELS,
+    "friend_lists": FRIEND_LISTS,
+}
+
+
+def package_version() -> str:
+    """This distribution's version, from its installed metadata."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("presence-service")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
 
 
 _FIELD_HELP: Final = {
@@ -356,7 +379,7 @@ _FIELD_HELP: Final = {
     "redis_timeout": "seconds a Redis call may take before the request gets TRY_AGAIN",
     "drain_grace": "seconds a stopping daemon gives its clients to move elsewhere (0: none)",
     "instance_id": "this daemon's name in Redis; default host-random",
-    "log_level": "debug, info, warning or error",
+    "log_level": "how much to log: debug, info, warning or error",
     "workers": "concurrent Redis operations",
     "queue_size": "pending Redis operations per worker before TRY_AGAIN",
     "max_friends": "most friends one user may declare",
@@ -415,6 +438,7 @@ def config_from_args(
             except ValueError:
                 raise ConfigError(f"{source}: invalid value {raw!r}") from None
         values[field.name] = raw
+    _refuse_embedded_with_url(values, sources)
     try:
         return Config(**values)
     except ConfigError as exc:
@@ -423,6 +447,35 @@ def config_from_args(
         if flag in sources:  # the bad value came from the environment: name the variable
             message = sources[flag] + message[len(flag) :]
         raise ConfigError(message) from None
+
+
+def _refuse_embedded_with_url(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """``--embedded-redis`` replaces the Redis URL: refuse both together rather than
+    ignore the URL. A URL counts as given when set by its flag or by PRESENCE_REDIS_URL
+    (an exported variable is as explicit as a flag); only the built-in default does not."""
+    if not values.get("embedded_redis") or "redis_url" not in values:
+        return
+    embedded = sources.get("--embedded-redis:", "--embedded-redis:")[:-1]
+    url = sources.get("--redis-url:", "--redis-url:")[:-1]
+    raise ConfigError(
+        f"{url}: {safe_url(values['redis_url'])!r} cannot be used with {embedded}, "
+        "which starts its own Redis (drop one of them)"
+    )
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password (the user name stays), for logs and errors."""
+    url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    userinfo, _, host = authority.rpartition("@")
+    host += slash + path
+    user, colon, _ = userinfo.partition(":")
+    if not colon:  # "redis://secret@host": redis-py reads that as a user, but hide it
+        return f"{scheme}://***@{host}"
+    return f"{scheme}://{user}:***@{host}"
 
 
 def config_args(config: Config) -> list[str]:

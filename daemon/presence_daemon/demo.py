@@ -38,7 +38,7 @@ from rich.text import Text
 from presence_client.sdk import Event, FriendEvent, PresenceClient, Server
 from presence_client.terminal import positive
 from presence_daemon.app import serve
-from presence_daemon.config import Config
+from presence_daemon.config import Config, package_version
 from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import Presence
 from presence_daemon.server import Server as DaemonServer
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the script takes (default 20); delays scale with it",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for the random pauses")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 

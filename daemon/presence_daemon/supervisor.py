@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from presence_daemon.app import READY_PREFIX
+from presence_daemon.app import READY_PREFIX, bind_udp
 from presence_daemon.config import Config, config_args
 from presence_daemon.embedded import EmbeddedRedis, pdeathsig_preexec
 
@@ -246,15 +246,7 @@ class Supervisor:
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Bind ``host:port`` with SO_REUSEPORT (port 0: a free one) so the workers can
     join the same port and nobody else takes it meanwhile."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return bind_udp(host, port, reuse_port=True)  # BindError says why not, in one line
 
 
 def run(config: Config) -> int:
