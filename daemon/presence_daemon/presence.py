@@ -521,6 +521,11 @@ class Presence:
         return max(1, round(self.lease_ttl * 1000))
 
     @property
+    def renewed_at(self) -> float:
+        """Event-loop time of the last renewal that found the lease held (0: none yet)."""
+        return self._renewed_at
+
+    @property
     def renew_interval(self) -> float:
         """Seconds between lease renewals."""
         return min(LEASE_RENEW_INTERVAL, self._lease_ms / 3000)

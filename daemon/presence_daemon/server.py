@@ -229,6 +229,8 @@ class Server:
         self._workers: list[asyncio.Task[None]] = []
         self._housekeeping: list[asyncio.Task[None]] = []
         self._last_redis_error_log = -REDIS_ERROR_LOG_INTERVAL
+        self._redis_trouble_at = -math.inf
+        """Event-loop time of the last Redis error (see _reads_trusted)."""
         self.stopping = False
         # Timed-out sessions whose removal could not be queued or failed: retried first
         # by the next sweep (kept apart so the recency order stays sorted by last_seen).
@@ -655,6 +657,7 @@ class Server:
                 queue.task_done()
 
     def _redis_failed(self, exc: Exception) -> None:
+        self._redis_trouble_at = asyncio.get_running_loop().time()
         self.counters["redis_errors"] += 1
         now = self.clock()
         if now - self._last_redis_error_log >= REDIS_ERROR_LOG_INTERVAL:
@@ -662,6 +665,9 @@ class Server:
             log.error("Redis operation failed: %s (repeats are counted, not logged)", exc)
 
     async def _on_connect(self, msg: Connect, addr: Address, size: int) -> None:
+        if not self._reads_trusted():
+            self._defer("connects", msg.request, addr, size)
+            return
         friends = msg.friends
         if friends is not None and self.config.friend_lists == "app":
             friends = None  # the application sets friend lists, not clients
@@ -885,7 +891,27 @@ class Server:
             self.counters["friend_changes"] += 1
             self._reply(FriendsOk(msg.request), session.address)
 
+    def _reads_trusted(self) -> bool:
+        """False from a Redis error until the next renewal finds our lease held.
+
+        Redis may have restarted empty meanwhile: then a friend view read from it lists
+        no names, and a client would take that list as its own and declare it when told
+        (GO_AWAY) that the lists were lost. The renewal tells (and sends that GO_AWAY
+        first); until it has, views are not handed out: CONNECT and SNAPSHOT_REQUEST
+        are answered TRY_AGAIN (retryable), at most a renewal interval (~1 s) long.
+        """
+        if self.presence.lease_ttl is None:
+            return True
+        return self.presence.renewed_at > self._redis_trouble_at
+
+    def _defer(self, kind: str, request: int, addr: Address, size: int | None) -> None:
+        self.counters[f"{kind}_deferred"] += 1
+        self._reply(Error(request, ErrorCode.TRY_AGAIN), addr, limit=size)
+
     async def _on_snapshot(self, msg: SnapshotRequest, session: Session) -> None:
+        if not self._reads_trusted():
+            self._defer("snapshots", msg.request, session.address, None)
+            return
         seq = session.seq  # taken before the read: later notifications supersede by version
         try:
             view = await self.presence.friend_view(session.user)
@@ -1181,7 +1207,7 @@ class Server:
                     if data is not None:
                         self._on_inbox(data)
             except (RedisError, OSError) as exc:
-                self._redis_failed(exc)
+                self._redis_failed(exc)  # (also: views wait for the next renewal)
                 failed = True
                 await asyncio.sleep(1.0)
             finally:
