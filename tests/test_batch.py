@@ -138,7 +138,7 @@ async def test_lean_connection_times_out_on_a_stalled_redis_and_never_mixes_answ
             server.pause()
             try:
                 with pytest.raises(RedisTimeoutError):
-                    await lean.run([("GET", "a")])
+                    await lean.run([("GET", "a"), ("GET", "b"), ("GET", "a")])
             finally:
                 server.resume()
             # The stalled GET's late answer ("A") must not be taken for this one.

@@ -248,9 +248,13 @@ class LeanConnection:
             pass
         finally:
             timer.cancel()
-        if protocol.lost is not None:
-            raise _copy(protocol.lost)  # (some answers may have come: none is trusted)
-        return [f.exception() or f.result() for f in futures]
+        # Every outcome is read (so none is logged as never retrieved). A command the
+        # connection's failure reached makes the whole pipeline fail, even if some
+        # answers came; answers that all came before a later failure stand.
+        outcomes = [f.exception() or f.result() for f in futures]
+        if any(isinstance(o, (RedisConnectionError, RedisTimeoutError)) for o in outcomes):
+            raise _copy(protocol.lost or outcomes[-1])
+        return outcomes
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
