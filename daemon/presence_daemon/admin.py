@@ -99,7 +99,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: st
         return empty
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [max(len(header), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)]
-    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], int | float) and not isinstance(row[i], bool) for row in rows)
+        for i in range(len(headers))
+    ]
 
     def line(values: Sequence[str]) -> str:
         parts = [
