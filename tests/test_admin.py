@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import redis
 
 from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_env, daemon_factory_fixture  # noqa: F401
 from helpers import Watched, wait_for
 from presence_client.sdk import PresenceClient
-from presence_daemon.embedded import find_redis_server
+from presence_daemon.embedded import EmbeddedCluster, find_redis_server
 
 ADMIN = Path(sys.executable).parent / "presence-admin"
 """The installed entry point (``make venv`` installs it)."""
@@ -357,6 +358,8 @@ async def test_set_friends_tells_a_connected_friend_as_a_client_change_would(
         (["set-friends", "alice", "bob", "--none"], "--none"),
         (["online"], "--count"),
         (["online", "--list", "--limit", "0"], "'0'"),
+        (["set-friends", "alice", "a", "b", "c", "--max-friends", "2"], "--max-friends 2"),
+        (["online", "--count", "--cursor", "x"], "--cursor"),
     ],
 )
 async def test_bad_arguments_are_one_line_exit_2(args: list[str], bad: str) -> None:
@@ -474,6 +477,36 @@ async def test_redis_refusing_the_credentials_is_one_line_exit_1(
         "--json", "daemons", url=f"redis://:{PASSWORD}@127.0.0.1:{password_redis}/0"
     )
     assert right.json() == {"daemons": []}
+
+
+async def test_a_cluster_refusing_the_credentials_is_one_line_exit_1(
+    cluster: EmbeddedCluster,
+) -> None:
+    """The cluster client wraps the refusal in its own error: it is found and told."""
+    user = "admin-test"
+    for port in cluster.ports:
+        with redis.Redis(port=port) as node:
+            node.acl_setuser(
+                user,
+                enabled=True,
+                passwords=[f"+{PASSWORD}"],
+                keys="*",
+                channels="*",
+                commands=["+@all"],
+            )
+    try:
+        seed = f"127.0.0.1:{cluster.ports[0]}"
+        ran = await admin("daemons", url=f"redis+cluster://{user}:wrong@{seed}")
+        assert ran.returncode == 1, ran
+        line = ran.error_line()
+        assert "refused the connection: wrong user name or password" in line, line
+        assert f"redis+cluster://{user}:***@{seed}" in line and "wrong@" not in line, line
+        right = await admin("--json", "daemons", url=f"redis+cluster://{user}:{PASSWORD}@{seed}")
+        assert "daemons" in right.json()
+    finally:
+        for port in cluster.ports:
+            with redis.Redis(port=port) as node:
+                node.acl_deluser(user)
 
 
 async def test_version_from_the_entry_point_and_the_module() -> None:

@@ -9,7 +9,8 @@ Redis, with the same client the daemon builds for the same URL (single Redis or
 Commands are one function each, registered with :func:`subcommand`; each returns a
 :class:`Result`, which holds one JSON-ready document (printed with ``--json``) and the
 text for people (an aligned table). Adding a command means writing one more decorated
-function.
+function. A command that prints as it goes (a stream) prints itself (``args.json``
+says how) and returns a Result whose ``data`` is None.
 
 Listing users (``online``) is a keyspace scan: SCAN with a MATCH pattern over every
 key (on a cluster, over every master), so its cost grows with the whole keyspace, not
@@ -46,7 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from presence_client.protocol import ProtocolError, check_name
 from presence_daemon import keys
 from presence_daemon.config import Config, package_version, safe_url
-from presence_daemon.presence import DEFAULT_MAX_FRIENDS, Presence, redis_client
+from presence_daemon.presence import DEFAULT_MAX_FRIENDS, Presence, PresenceError, redis_client
 from presence_daemon.store import (
     CLUSTER_SCHEMES,
     ClusterURLError,
@@ -86,8 +87,9 @@ class UsageError(ValueError):
 class Result:
     """What a command answers: one JSON document, and the text for people."""
 
-    data: dict[str, Any]
-    """Printed with ``--json`` (keys documented in docs/operations.md)."""
+    data: dict[str, Any] | None
+    """Printed with ``--json`` (keys documented in docs/operations.md); None: nothing
+    more to print (the command printed as it went)."""
     text: str
     """Printed otherwise."""
 
@@ -147,6 +149,16 @@ class Context:
 
 Run = Callable[[Context, argparse.Namespace], Awaitable[Result]]
 Arguments = Callable[[argparse.ArgumentParser], None]
+Check = Callable[[argparse.Namespace], None]
+"""Checks parsed arguments before Redis is reached; raises UsageError."""
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _no_check(args: argparse.Namespace) -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,30 +169,42 @@ class Subcommand:
     help: str
     arguments: Arguments
     run: Run
+    check: Check = _no_check
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
 """Every command, by name, in the order registered (the order ``--help`` lists them)."""
 
 
-def subcommand(name: str, help: str, arguments: Arguments = lambda _: None) -> Callable[[Run], Run]:
-    """Register ``run`` as the command ``name``; ``arguments`` adds its arguments."""
+def subcommand(
+    name: str, help: str, arguments: Arguments = _no_arguments, check: Check = _no_check
+) -> Callable[[Run], Run]:
+    """Register ``run`` as the command ``name``; ``arguments`` adds its arguments,
+    ``check`` refuses bad combinations before Redis is reached."""
 
     def register(run: Run) -> Run:
-        SUBCOMMANDS[name] = Subcommand(name, help, arguments, run)
+        SUBCOMMANDS[name] = Subcommand(name, help, arguments, run, check)
         return run
 
     return register
 
 
-def user_name(text: str) -> str:
-    """argparse type of a user name: the one line on a bad name names it."""
-    try:
-        return check_name(text, "user name")
-    except ProtocolError:
-        raise argparse.ArgumentTypeError(
-            f"invalid user name {text!r} (1-64 letters, digits, '_', '.', '@', '+' or '-')"
-        ) from None
+def name_type(what: str) -> Callable[[str], str]:
+    """argparse type of a name (user name, client id...): the one line on a bad name
+    names it and says what a name may hold."""
+
+    def parse(text: str) -> str:
+        try:
+            return check_name(text, what)
+        except ProtocolError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {text!r} (1-64 letters, digits, '_', '.', '@', '+' or '-')"
+            ) from None
+
+    return parse
+
+
+user_name = name_type("user name")
 
 
 def _positive(most: int) -> Callable[[str], int]:
@@ -322,19 +346,23 @@ def _online_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _online_check(args: argparse.Namespace) -> None:
+    if args.count and args.cursor is not None:
+        raise UsageError("--cursor: only with --list")
+    args.after = Cursor.decode(args.cursor) if args.cursor is not None else None
+
+
 @subcommand(
     "online",
     "users online: --count, or --list one page (a keyspace scan: costs O(all keys))",
     _online_arguments,
+    _online_check,
 )
 async def online(ctx: Context, args: argparse.Namespace) -> Result:
     if args.count:
-        if args.cursor is not None:
-            raise UsageError("--cursor: only with --list")
         count = await online_count(ctx)
         return Result({"online": count}, f"{count} user{'s' if count != 1 else ''} online")
-    after = Cursor.decode(args.cursor) if args.cursor is not None else None
-    users, next_cursor = await online_page(ctx, args.limit, after)
+    users, next_cursor = await online_page(ctx, args.limit, args.after)
     encoded = next_cursor.encode() if next_cursor is not None else None
     data = {"users": users, "next_cursor": encoded, "last_page": encoded is None}
     text = table(["USER"], [[user] for user in users], empty="no users online")
@@ -499,16 +527,25 @@ def _set_friends_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _set_friends_check(args: argparse.Namespace) -> None:
+    names = set(args.names)
+    if not args.none and not names:
+        raise UsageError("set-friends: give NAME... or --none")
+    if len(names) > args.max_friends:
+        raise UsageError(
+            f"set-friends: {len(names)} names, more than --max-friends {args.max_friends}"
+        )
+
+
 @subcommand(
     "set-friends",
     "replace USER's declared friends (friends are told, as when a client declares them)",
     _set_friends_arguments,
+    _set_friends_check,
 )
 async def set_friends(ctx: Context, args: argparse.Namespace) -> Result:
     user: str = args.user
     names: list[str] = [] if args.none else list(dict.fromkeys(args.names))
-    if not args.none and not names:
-        raise UsageError("set-friends: give NAME... or --none")
     # No lease: the admin owns no clients; its notifications go to the owners' inboxes.
     presence = Presence(ctx.redis, lease_ttl=None, max_friends=args.max_friends)
     try:
@@ -622,6 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     url, source = _url(args, os.environ)
     command = SUBCOMMANDS[args.command]
     try:
+        command.check(args)
         _check_url(url, source)
         result = asyncio.run(_run(command, args, url))
     except UsageError as exc:
@@ -632,14 +670,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot reach Redis at {safe_url(url)}: {_one_line(exc)}", 1)
     except RedisError as exc:
         return _fail(f"Redis at {safe_url(url)} failed: {_one_line(exc)}", 1)
+    except PresenceError as exc:  # refused by the library (the message says why)
+        return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # never a traceback for an operator: one line to report
         return _fail(f"internal error: {type(exc).__name__}: {_one_line(exc)}", 1)
-    if args.json:
-        print(json.dumps(result.data, ensure_ascii=False))
-    else:
-        print(result.text)
+    try:
+        if result.data is None:
+            pass
+        elif args.json:
+            print(json.dumps(result.data, ensure_ascii=False))
+        else:
+            print(result.text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # (| head): the reader has what it wanted
+        # Python flushes stdout again at exit: point it at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
