@@ -26,7 +26,9 @@ import redis
 from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_env, daemon_factory_fixture  # noqa: F401
 from helpers import Watched, wait_for
 from presence_client.sdk import PresenceClient
+from presence_daemon.admin import Context, Cursor, online_page
 from presence_daemon.embedded import EmbeddedCluster, find_redis_server
+from presence_daemon.presence import Presence
 
 ADMIN = Path(sys.executable).parent / "presence-admin"
 """The installed entry point (``make venv`` installs it)."""
@@ -205,6 +207,36 @@ async def test_paging_visits_every_online_user_exactly_once(
 
 
 @pytest.mark.backends
+async def test_pages_of_one_keep_the_users_a_scan_batch_read_beyond_the_page(
+    redis_url: str,
+) -> None:
+    """In process, to see the cursors: with --limit 1, SCAN batches hold more users than
+    the page; those ride in the cursor and are shown on the next pages."""
+    library = Presence.from_url(redis_url, lease_ttl=None)
+    await library.start()
+    try:
+        users = sorted(f"u{i:02d}" for i in range(30))
+        for user in users:
+            await library.connected(f"{user}-c", user, friends=["x", "y"])
+        ctx = Context(library.redis, redis_url)
+        seen: list[str] = []
+        cursors: list[Cursor] = []
+        after: Cursor | None = None
+        for _ in range(100):
+            page, after = await online_page(ctx, 1, after)
+            seen += page
+            if after is None:
+                break
+            assert len(page) == 1
+            cursors.append(after)
+        assert after is None
+        assert sorted(seen) == users
+        assert any(cursor.held for cursor in cursors)  # the path under test was taken
+    finally:
+        await library.close()
+
+
+@pytest.mark.backends
 async def test_friends_clients_and_daemons_across_two_daemons(
     redis_url: str, daemon_factory: DaemonFactory, clients: Clients
 ) -> None:
@@ -369,6 +401,20 @@ async def test_bad_arguments_are_one_line_exit_2(args: list[str], bad: str) -> N
     line = ran.error_line()
     assert line.startswith("presence-admin"), line
     assert bad in line, line
+
+
+async def test_a_cursor_from_another_deployment_is_refused(
+    redis_url: str, cluster: EmbeddedCluster
+) -> None:
+    cases = [
+        (cluster.url, Cursor("", 0), "is from a listing of a single Redis"),
+        (redis_url, Cursor("127.0.0.1:1", 0), "is from a listing of a cluster"),
+        (cluster.url, Cursor("127.0.0.1:1", 0), "127.0.0.1:1 is not a master now"),
+    ]
+    for url, cursor, why in cases:
+        ran = await admin("online", "--list", "--cursor", cursor.encode(), url=url)
+        assert ran.returncode == 2, ran
+        assert why in ran.error_line()
 
 
 @pytest.mark.parametrize(

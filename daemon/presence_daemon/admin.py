@@ -44,7 +44,7 @@ from redis.exceptions import AuthenticationError, RedisClusterException, RedisEr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from presence_client.protocol import ProtocolError, check_name
+from presence_client.protocol import ProtocolError, check_name, is_valid_name
 from presence_daemon import keys
 from presence_daemon.config import Config, package_version, safe_url
 from presence_daemon.presence import DEFAULT_MAX_FRIENDS, Presence, PresenceError, redis_client
@@ -246,7 +246,7 @@ class Cursor:
             node, scan, held = json.loads(raw)
             if not (node is None or type(node) is str) or type(scan) is not int or scan < 0:
                 raise ValueError
-            if type(held) is not list or not all(isinstance(u, str) for u in held):
+            if type(held) is not list or not all(is_valid_name(u) for u in held):
                 raise ValueError
             return cls(node, scan, tuple(held))
         except (ValueError, TypeError, binascii.Error):
@@ -311,14 +311,18 @@ async def online_page(
         users += [user for user in cursor.held if still[user]]
     node = cursor.node
     if node is not None and node not in nodes:
-        shown = "a single Redis" if node == "" else f"master {node}"
+        if node == "" or nodes == [""]:
+            kind = "a single Redis" if node == "" else "a cluster"
+            raise UsageError(f"--cursor: {cursor.encode()!r} is from a listing of {kind}")
         raise UsageError(
-            f"--cursor: {shown} is not among the masters scanned now ({', '.join(nodes)}); "
-            "the topology changed: list again from the start"
+            f"--cursor: {node} is not a master now (masters: {', '.join(nodes)}): the "
+            "topology changed; list again from the start"
         )
     scan = cursor.scan
-    count = min(max(4 * limit, 100), COUNT_SCAN * 10)
     while node is not None and len(users) < limit:
+        # SCAN COUNT is how many slots of the keyspace to look at: asking for what the
+        # page still needs keeps the users read beyond it (held in the cursor) few.
+        count = min(max(limit - len(users), 10), COUNT_SCAN)
         scan, found = await _scan(ctx, node, scan, count)
         users += found
         if scan == 0:  # this node is done: the next master (from its start), or the end
