@@ -450,16 +450,14 @@ async def test_a_bad_url_names_its_source() -> None:
 async def test_the_url_comes_from_the_environment(redis_url: str) -> None:
     ran = await admin("--json", "online", "--count", env={"PRESENCE_REDIS_URL": redis_url})
     assert ran.json() == {"online": 0}
-    # Without flag or variable: the daemon's default (nothing listens on 127.0.0.1:1 here,
-    # so point the variable away and check the flag wins over it).
-    ran = await admin(
-        "--json",
-        "online",
-        "--count",
-        url=redis_url,
-        env={"PRESENCE_REDIS_URL": "redis://127.0.0.1:1/0"},
-    )
+    # The flag wins over the variable, before or after the command.
+    away = {"PRESENCE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    ran = await admin("--json", "online", "--count", url=redis_url, env=away)
     assert ran.json() == {"online": 0}
+    ran = await admin("online", "--count", "--json", "--redis-url", redis_url, env=away)
+    assert ran.json() == {"online": 0}
+    ran = await admin("online", "--count", env=away)
+    assert ran.returncode == 1 and "127.0.0.1:1" in ran.error_line()
 
 
 PASSWORD = "s3cret-pw"

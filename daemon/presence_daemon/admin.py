@@ -382,7 +382,7 @@ async def online(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def _users_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("users", nargs="+", type=user_name, metavar="USER")
+    parser.add_argument("users", nargs="+", type=user_name, metavar="USER", help="user names")
 
 
 @subcommand("query", "online or offline, per user", _users_argument)
@@ -395,7 +395,7 @@ async def query(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def _user_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("user", type=user_name, metavar="USER")
+    parser.add_argument("user", type=user_name, metavar="USER", help="a user name")
 
 
 @subcommand(
@@ -518,9 +518,11 @@ async def daemons(ctx: Context, args: argparse.Namespace) -> Result:
 
 
 def _set_friends_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("user", type=user_name, metavar="USER")
+    parser.add_argument("user", type=user_name, metavar="USER", help="a user name")
     names = parser.add_mutually_exclusive_group(required=True)
-    names.add_argument("names", nargs="*", type=user_name, metavar="NAME", default=[])
+    names.add_argument(
+        "names", nargs="*", type=user_name, metavar="NAME", default=[], help="the new list"
+    )
     names.add_argument("--none", action="store_true", help="clear USER's list")
     parser.add_argument(
         "--max-friends",
@@ -581,18 +583,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operator commands on the presence state in Redis (single or cluster).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    parser.add_argument(
-        "--redis-url",
-        metavar="URL",
-        help=f"Redis (redis://, rediss://, unix://) or cluster seeds (redis+cluster://...); "
-        f"default ${URL_VARIABLE}, else {DEFAULT_REDIS_URL}",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
+    _global_options(parser, None, False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in SUBCOMMANDS.values():
         sub = commands.add_parser(command.name, help=command.help, description=command.help)
         command.arguments(sub)
+        # Also after the command (``presence-admin daemons --json``); given there, they
+        # win; not given, they leave the values before the command alone.
+        _global_options(sub, argparse.SUPPRESS, argparse.SUPPRESS)
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, url: Any, as_json: Any) -> None:
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=url,
+        help=f"Redis (redis://, rediss://, unix://) or cluster seeds (redis+cluster://...); "
+        f"default ${URL_VARIABLE}, else {DEFAULT_REDIS_URL}",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=as_json,
+        help="print one JSON document (for scripts)",
+    )
 
 
 def _url(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> tuple[str, str]:
