@@ -41,8 +41,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from presence_client.protocol import CLIENT_TO_DAEMON, DAEMON_TO_CLIENT, MessageType
+from presence_client.protocol import CLIENT_TO_DAEMON, DAEMON_TO_CLIENT, ErrorCode, MessageType
 from presence_daemon.batch import ROUND_TRIP_BUCKETS
+from presence_daemon.limits import SCOPES
 from presence_daemon.presence import Transition
 
 if TYPE_CHECKING:
@@ -75,6 +76,13 @@ WITHHELD: Final = {
     "notifications_dropped_ended": "session_ended",
 }
 """Counter -> reason label of presence_notifications_withheld_total."""
+REJECTED: Final = (
+    *(code.name.lower() for code in ErrorCode if code is not ErrorCode.TRY_AGAIN),
+    "connect_too_small",
+)
+"""Reasons of presence_datagrams_rejected_total always listed (others appear when seen)."""
+LIMITED: Final = ("connect", "friends", "snapshot")
+"""Request kinds with rate limits (presence_rate_limited_total)."""
 NAMED: Final = frozenset(
     {
         "datagrams_in",
@@ -230,10 +238,13 @@ class DaemonCollector(Collector):
             "Datagrams refused (answered with an ERROR or dropped), by reason",
             labels=["reason"],
         )
-        for name, count in sorted(counters.items()):
+        reasons = dict.fromkeys(REJECTED, 0)  # always there: no gaps in graphs
+        for name, count in counters.items():
             if name.startswith("rejected_"):
-                rejected.add_metric([name.removeprefix("rejected_")], count)
-        rejected.add_metric(["daemon_message"], counters.get("dropped_daemon_message", 0))
+                reasons[name.removeprefix("rejected_")] = count
+        reasons["daemon_message"] = counters.get("dropped_daemon_message", 0)
+        for reason, count in sorted(reasons.items()):
+            rejected.add_metric([reason], count)
         yield rejected
 
         limited = CounterMetricFamily(
@@ -241,10 +252,14 @@ class DaemonCollector(Collector):
             "Requests answered TRY_AGAIN by a rate limit, by request kind and scope",
             labels=["kind", "scope"],
         )
-        for name, count in sorted(counters.items()):
+        scopes = {(kind, scope): 0 for kind in LIMITED for scope in SCOPES}
+        scopes["snapshot", "session"] = 0
+        for name, count in counters.items():
             if name.startswith("rate_limited_"):
                 kind, _, scope = name.removeprefix("rate_limited_").partition("_")
-                limited.add_metric([kind, scope], count)
+                scopes[kind, scope] = count
+        for (kind, scope), count in sorted(scopes.items()):
+            limited.add_metric([kind, scope], count)
         yield limited
 
         shed = CounterMetricFamily(
