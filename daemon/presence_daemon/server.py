@@ -1061,7 +1061,12 @@ class Server:
             " and asking them to declare their friends again (Redis lost its data)"
             if state_lost
             else "",
-            extra={"instance": self.instance_id, "clients": len(self.by_token)},
+            extra={
+                "event": "lease_regained",
+                "instance": self.instance_id,
+                "clients": len(self.by_token),
+                "state_lost": state_lost,
+            },
         )
         for session in list(self.by_token.values()):
             session.seq += 1
