@@ -88,7 +88,6 @@ NAMED: Final = frozenset(
         "datagrams_in",
         "datagrams_out",
         "pings",
-        "pings_fast",
         "connects",
         "notifications",
         "handoffs",
@@ -217,7 +216,7 @@ class DaemonCollector(Collector):
             labels=["type"],
         )
         by_type = {_type_name(k): server.received_by_type[k] for k in sorted(CLIENT_TO_DAEMON)}
-        by_type["ping"] += counters.get("pings_fast", 0)
+        by_type["ping"] += server.fast_pongs
         decoded = sum(by_type.values())
         by_type["other"] = max(counters.get("datagrams_in", 0) - decoded, 0)
         for kind, count in sorted(by_type.items()):
@@ -228,7 +227,7 @@ class DaemonCollector(Collector):
             "presence_datagrams_sent", "UDP datagrams sent, by message type", labels=["type"]
         )
         out = {_type_name(k): server.sent_by_type[k] for k in sorted(DAEMON_TO_CLIENT)}
-        out["pong"] += counters.get("pings_fast", 0)
+        out["pong"] += server.fast_pongs
         for kind, count in sorted(out.items()):
             sent.add_metric([kind], count)
         yield sent

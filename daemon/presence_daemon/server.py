@@ -244,9 +244,11 @@ class Server:
         """Datagrams received that the fast path did not answer."""
         self._pongs = 0
         """PINGs answered by the fast path (each also one datagram in and one out)."""
+        self.fast_pongs = 0
+        """PINGs answered by the fast path, up to the last read of ``counters``."""
         self.received_by_type = [0] * (max(MessageType) + 1)
         """Datagrams decoded on the full path, by message type (the fast path's pings
-        are ``counters["pings_fast"]``)."""
+        are ``fast_pongs``)."""
         self.sent_by_type = [0] * (max(MessageType) + 1)
         """Datagrams sent other than the fast path's pongs, by message type."""
         self.sweep_delay = 0.0
@@ -393,7 +395,7 @@ class Server:
             counts["datagrams_in"] += self._datagrams_in + pongs
             self._datagrams_in = 0
             counts["pings"] += pongs
-            counts["pings_fast"] += pongs
+            self.fast_pongs += pongs
             counts["datagrams_out"] += pongs
         return counts
 
