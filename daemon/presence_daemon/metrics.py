@@ -476,6 +476,7 @@ _REASONS: Final = {
     405: "Method Not Allowed",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -489,6 +490,7 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
         self._open = 0
         self.scrapes = 0
+        self.failures = 0
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_REQUEST_HEAD)
@@ -545,7 +547,13 @@ class MetricsServer:
             return 405, text, b"only GET\n"
         if target == b"/metrics":
             self.scrapes += 1
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            try:
+                return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            except Exception:  # a bug of ours: answer 500, keep serving
+                self.failures += 1
+                if self.failures == 1 or self.failures % 100 == 0:
+                    log.exception("scrape failed (failures so far: %d)", self.failures)
+                return 500, text, b"metrics could not be collected; see the daemon's log\n"
         if target == b"/healthz":
             return 200, text, b"ok\n"
         if target == b"/readyz":
