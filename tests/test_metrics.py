@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +109,8 @@ async def test_metrics_move_as_clients_connect_and_disconnect(
     assert value(before, "presence_ready") == 1
     assert value(before, "presence_lease_held") == 1
     assert value(before, "presence_info", instance_id=daemon.instance_id) == 1
+    if sys.platform == "linux":  # read from /proc/net/udp
+        assert value(before, "presence_udp_receive_drops_total") == 0
 
     async with (
         await RawPeer.open(daemon.address) as alice,
@@ -305,3 +308,24 @@ async def test_dashboard_queries_only_metrics_a_daemon_serves(
     assert wanted - served == set()
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
         assert panel.get("title"), panel
+
+
+async def test_datagrams_the_kernel_dropped_are_counted(
+    daemon_factory: DaemonFactory, metrics_port: int
+) -> None:
+    """A daemon stopped (SIGSTOP) while a burst arrives: what overflowed its receive
+    buffer shows in presence_udp_receive_drops_total (Linux)."""
+    if sys.platform != "linux":
+        pytest.skip("read from /proc/net/udp")
+    daemon = await daemon_factory.astart(flags={"--metrics-port": str(metrics_port)})
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for _ in range(20_000):  # 24 MB: more than the 4 MB buffer asked for
+                with contextlib.suppress(BlockingIOError):
+                    sender.sendto(b"\x00" * 1200, daemon.address)
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    drops = value(await scrape(metrics_port), "presence_udp_receive_drops_total")
+    assert drops > 0
+    assert await daemon.aterminate() == 0

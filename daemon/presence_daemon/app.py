@@ -132,7 +132,10 @@ async def serve(
                 server.start()
                 if metrics_sock is not None:
                     endpoint = metrics.MetricsServer(
-                        metrics.registry_for(server, health, transitions), health
+                        metrics.registry_for(
+                            server, health, transitions, transport.get_extra_info("socket")
+                        ),
+                        health,
                     )
                     await endpoint.start(metrics_sock)
                     metrics_sock = None  # the endpoint's now

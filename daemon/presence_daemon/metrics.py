@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
@@ -199,10 +200,17 @@ class Health:
 class DaemonCollector(Collector):
     """Turns the daemon's plain counters into Prometheus metrics at scrape time."""
 
-    def __init__(self, server: Server, health: Health, transitions: TransitionCounter) -> None:
+    def __init__(
+        self,
+        server: Server,
+        health: Health,
+        transitions: TransitionCounter,
+        udp_socket: socket.socket | None = None,
+    ) -> None:
         self.server = server
         self.health = health
         self.transitions = transitions
+        self.udp_socket = udp_socket
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
@@ -260,6 +268,14 @@ class DaemonCollector(Collector):
         for (kind, scope), count in sorted(scopes.items()):
             limited.add_metric([kind, scope], count)
         yield limited
+
+        drops = udp_receive_drops(self.udp_socket) if self.udp_socket is not None else None
+        if drops is not None:
+            yield CounterMetricFamily(
+                "presence_udp_receive_drops",
+                "Datagrams the kernel dropped because the socket's receive buffer was full",
+                value=drops,
+            )
 
         shed = CounterMetricFamily(
             "presence_shed",
@@ -427,14 +443,37 @@ class DaemonCollector(Collector):
         yield info
 
 
+def udp_receive_drops(sock: socket.socket) -> int | None:
+    """What the kernel dropped for ``sock`` (receive buffer full), from /proc/net/udp
+    and udp6 (Linux); None where that cannot be read."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except (OSError, ValueError):
+        return None
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as lines:
+                next(lines, None)  # the header
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) >= 13 and fields[9] == inode:
+                        return int(fields[12])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def registry_for(
-    server: Server, health: Health, transitions: TransitionCounter
+    server: Server,
+    health: Health,
+    transitions: TransitionCounter,
+    udp_socket: socket.socket | None = None,
 ) -> CollectorRegistry:
     """A registry with the daemon's metrics and the standard process metrics."""
     from prometheus_client import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(server, health, transitions))
+    registry.register(DaemonCollector(server, health, transitions, udp_socket))
     ProcessCollector(registry=registry)
     return registry
 
