@@ -329,3 +329,19 @@ async def test_datagrams_the_kernel_dropped_are_counted(
     drops = value(await scrape(metrics_port), "presence_udp_receive_drops_total")
     assert drops > 0
     assert await daemon.aterminate() == 0
+
+
+def test_a_workers_metrics_port_in_use_fails_the_start(redis_url: str) -> None:
+    """With --processes 2, worker 2's port (the given one + 1) taken: the start fails,
+    and the log names the port and why."""
+    port = free_tcp_port(2)
+    with listening(port + 1):
+        result = run_daemon(
+            "--processes", "2", "--port", "0", "--redis-url", redis_url, "--metrics-port", str(port)
+        )
+    assert result.returncode == 1
+    assert (
+        f"presence-daemon: error: cannot listen on http://127.0.0.1:{port + 1} (--metrics-port): "
+        "address already in use\n"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
