@@ -5,6 +5,7 @@ bad datagrams summarised in a few lines."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from faults import (  # noqa: F401 - fixtures
 )
 from helpers import wait_for
 from presence_client.protocol import Ping
-from presence_daemon.logs import BAD_DATAGRAM_LOG_INTERVAL
+from presence_daemon.logs import BAD_DATAGRAM_LOG_INTERVAL, JsonFormatter
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -207,3 +208,29 @@ async def test_lease_lost_and_taken_again_are_logged(
     lost = [e for e in json_lines(daemon.stderr()) if "was lost" in e["msg"]]
     assert len(lost) == 1 and lost[0]["level"] == "error"
     assert await daemon.aterminate() == 0
+
+
+def test_json_formatter_keeps_extra_fields_and_tracebacks_on_one_line() -> None:
+    formatter = JsonFormatter("inst-1")
+    logger = logging.getLogger("presence_daemon.test")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logger.makeRecord(
+            "presence_daemon.test",
+            logging.ERROR,
+            __file__,
+            1,
+            "failed %s",
+            ("here",),
+            sys.exc_info(),
+            extra={"user": "alice", "where": ("127.0.0.1", 5)},
+        )
+    line = formatter.format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "error" and entry["msg"] == "failed here"
+    assert entry["logger"] == "presence_daemon.test" and entry["instance"] == "inst-1"
+    assert entry["user"] == "alice" and entry["where"] == ["127.0.0.1", 5]
+    assert "ValueError: boom" in entry["exc"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["ts"])

@@ -142,7 +142,7 @@ async def serve(
                 watcher = asyncio.create_task(_watch(server, health))
                 host, port = transport.get_extra_info("sockname")[:2]
                 print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
-                _log_start(config, server, (host, port), redis_url, endpoint)
+                _log_start(server, (host, port), redis_url, endpoint)
                 _log_auth(config, verifier)
                 if on_ready is not None:
                     on_ready(server, (host, port))
@@ -184,20 +184,22 @@ HEALTH_POLL_INTERVAL: Final = 0.25
 
 async def _watch(server: Server, health: metrics.Health) -> None:
     """Log Redis going down and coming back (once per change), and a summary of the bad
-    datagrams of each interval (never a line per datagram)."""
+    datagrams of each interval (never a line per datagram; the last one when cancelled)."""
     summary = logs.BadDatagramSummary(lambda: server.counters)
     loop = asyncio.get_running_loop()
     next_summary = loop.time() + logs.BAD_DATAGRAM_LOG_INTERVAL
-    while True:
-        await asyncio.sleep(HEALTH_POLL_INTERVAL)
-        health.poll()
-        if loop.time() >= next_summary:
-            next_summary = loop.time() + logs.BAD_DATAGRAM_LOG_INTERVAL
-            summary.tick()
+    try:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_INTERVAL)
+            health.poll()
+            if loop.time() >= next_summary:
+                next_summary = loop.time() + logs.BAD_DATAGRAM_LOG_INTERVAL
+                summary.tick()
+    finally:
+        summary.tick()
 
 
 def _log_start(
-    config: Config,
     server: Server,
     address: Address,
     redis_url: str,

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -111,9 +112,13 @@ class BadDatagramSummary:
     """Writes one info line per call to :meth:`tick` (at most one per interval, by the
     caller's schedule) with the datagrams refused since the last line, by reason."""
 
-    def __init__(self, counters: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self, counters: Callable[[], Mapping[str, int]], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._counters = counters
+        self._clock = clock
         self._seen = bad_datagram_counts(counters())
+        self._since = clock()
 
     def tick(self) -> int:
         """Log what was refused since the last call (nothing if nothing was); returns
@@ -127,12 +132,14 @@ class BadDatagramSummary:
         self._seen = now
         total = sum(new.values())
         if total:
+            seconds = self._clock() - self._since
             reasons = ", ".join(f"{reason}={count}" for reason, count in new.items())
             log.info(
-                "refused %d bad datagrams in the last %.0f s (%s); each is counted, not logged",
+                "refused %d bad datagrams in the last %.1f s (%s); each is counted, not logged",
                 total,
-                BAD_DATAGRAM_LOG_INTERVAL,
+                seconds,
                 reasons,
                 extra={"event": "bad_datagrams", "refused": total, "reasons": new},
             )
+        self._since = self._clock()
         return total
