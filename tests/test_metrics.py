@@ -100,6 +100,7 @@ def metrics_port() -> int:
     return free_tcp_port()
 
 
+@pytest.mark.backends
 async def test_metrics_move_as_clients_connect_and_disconnect(
     daemon_factory: DaemonFactory, metrics_port: int
 ) -> None:
