@@ -346,3 +346,42 @@ def test_a_workers_metrics_port_in_use_fails_the_start(redis_url: str) -> None:
         "address already in use\n"
     ) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_readyz_says_starting_until_redis_answers(
+    private_redis: RedisServer,
+    fault_kit: FaultKit,
+    private_daemons: DaemonFactory,
+    metrics_port: int,
+) -> None:
+    """The endpoint serves while the daemon still waits for Redis: /healthz 200,
+    /readyz 503 "starting"; once Redis answers, 200."""
+    proxy = fault_kit.proxy(private_redis.address)
+    proxy.partition()
+    daemon = private_daemons.create(
+        flags={
+            "--redis-url": proxy.redis_url(),
+            "--metrics-port": str(metrics_port),
+            "--redis-timeout": "30",
+        }
+    )
+    daemon.spawn()
+
+    async def answering() -> bool:
+        try:
+            return (await http_get(metrics_port, "/healthz"))[0] == 200
+        except OSError:
+            return False
+
+    await wait_for(answering, 10.0, 0.05, "/healthz answers while Redis is out of reach")
+    assert await http_get(metrics_port, "/readyz") == (503, "not ready: starting\n")
+    assert value(await scrape(metrics_port), "presence_ready") == 0
+    assert "listening" not in daemon.stdout()
+
+    proxy.heal()
+
+    async def ready() -> bool:
+        return (await http_get(metrics_port, "/readyz"))[0] == 200
+
+    await wait_for(ready, 10.0, 0.05, "ready once Redis answers")
+    assert await daemon.aterminate() == 0

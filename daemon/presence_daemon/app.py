@@ -91,9 +91,12 @@ async def serve(
     verifier = auth.from_config(config)  # before anything starts: bad key files fail fast
     # The port next: one in use (or an address not ours) fails before any Redis starts.
     # Datagrams that arrive before the daemon serves wait in the socket's buffer.
-    sock: socket.socket | None = bind_udp(config.host, config.port, reuse_port=config.reuse_port)
+    bound = bind_udp(config.host, config.port, reuse_port=config.reuse_port)
+    udp_inode = metrics.socket_inode(bound)  # (the kernel's drop count is kept by inode)
+    sock: socket.socket | None = bound
     metrics_sock: socket.socket | None = None
     embedded: EmbeddedRedis | None = None
+    endpoint: metrics.MetricsServer | None = None
     try:
         if config.metrics_port:
             metrics_sock = metrics.bind_tcp(config.metrics_host, config.metrics_port)
@@ -117,7 +120,11 @@ async def serve(
         transitions = metrics.TransitionCounter()
         presence.subscribe(transitions)
         health = metrics.Health(server)
-        endpoint: metrics.MetricsServer | None = None
+        if metrics_sock is not None:
+            registry = metrics.registry_for(server, health, transitions, udp_inode)
+            endpoint = metrics.MetricsServer(registry, health)
+            await endpoint.start(metrics_sock)  # /readyz: "starting" until it serves
+            metrics_sock = None  # the endpoint's now
         trigger = shutdown_trigger or _install_signal_trigger()
         try:
             await presence.start()
@@ -130,15 +137,7 @@ async def serve(
             watcher: asyncio.Task[None] | None = None
             try:
                 server.start()
-                if metrics_sock is not None:
-                    endpoint = metrics.MetricsServer(
-                        metrics.registry_for(
-                            server, health, transitions, transport.get_extra_info("socket")
-                        ),
-                        health,
-                    )
-                    await endpoint.start(metrics_sock)
-                    metrics_sock = None  # the endpoint's now
+                health.started = True
                 watcher = asyncio.create_task(_watch(server, health))
                 host, port = transport.get_extra_info("sockname")[:2]
                 print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
@@ -166,10 +165,10 @@ async def serve(
             )
             return server
         finally:
-            if endpoint is not None:
-                await endpoint.close()
             await presence.close()
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         if sock is not None:
             sock.close()
         if metrics_sock is not None:

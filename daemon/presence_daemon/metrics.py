@@ -17,9 +17,10 @@ and comes back, once per change.
 :class:`MetricsServer` is a deliberately small HTTP/1.x server on the daemon's own event
 loop: GET only, one request per connection, a bounded request head, a timeout for
 reading it and a bound on connections at once. Paths: ``/metrics`` (Prometheus text
-format), ``/healthz`` (200 while the process serves), ``/readyz`` (200, or 503 with a
-one-line reason). Its socket is bound before Redis is reached, so a port in use fails
-the start at once, with one line.
+format), ``/healthz`` (200 while the process runs), ``/readyz`` (200, or 503 with a
+one-line reason). It serves from before Redis is reached (``/readyz``: "starting"), so a
+port in use fails the start at once, with one line, and a probe never hangs on a daemon
+still waiting for Redis.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class Health:
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.started = False
+        """Set once the daemon serves (Redis reached, lease taken, workers running)."""
         self.redis_up = True
         self._down_since = 0.0
 
@@ -162,6 +165,8 @@ class Health:
     def not_ready(self) -> str:
         """Why the daemon should get no new clients now, in one line; "" if ready."""
         server = self.server
+        if not self.started:
+            return "starting"
         if server.stopping:
             return "shutting down"
         if not self.redis_answering():
@@ -175,6 +180,8 @@ class Health:
 
     def poll(self) -> None:
         """Log a change of Redis's state (down, up again): once per change."""
+        if not self.started:
+            return
         up = self.redis_answering()
         if up == self.redis_up:
             return
@@ -205,12 +212,13 @@ class DaemonCollector(Collector):
         server: Server,
         health: Health,
         transitions: TransitionCounter,
-        udp_socket: socket.socket | None = None,
+        udp_inode: int | None = None,
     ) -> None:
         self.server = server
         self.health = health
         self.transitions = transitions
-        self.udp_socket = udp_socket
+        self.udp_inode = udp_inode
+        """The UDP socket's inode (its line in /proc/net/udp), if known."""
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
@@ -269,7 +277,7 @@ class DaemonCollector(Collector):
             limited.add_metric([kind, scope], count)
         yield limited
 
-        drops = udp_receive_drops(self.udp_socket) if self.udp_socket is not None else None
+        drops = udp_receive_drops(self.udp_inode) if self.udp_inode is not None else None
         if drops is not None:
             yield CounterMetricFamily(
                 "presence_udp_receive_drops",
@@ -358,7 +366,7 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "presence_redis_up",
             "1 while lease renewals go through (Redis answers), else 0",
-            value=int(self.health.redis_answering()),
+            value=int(self.health.started and self.health.redis_answering()),
         )
         yield GaugeMetricFamily(
             "presence_redis_silence_seconds",
@@ -443,13 +451,18 @@ class DaemonCollector(Collector):
         yield info
 
 
-def udp_receive_drops(sock: socket.socket) -> int | None:
-    """What the kernel dropped for ``sock`` (receive buffer full), from /proc/net/udp
-    and udp6 (Linux); None where that cannot be read."""
+def socket_inode(sock: socket.socket) -> int | None:
+    """The inode of ``sock`` (how /proc/net/udp names it), or None."""
     try:
-        inode = str(os.fstat(sock.fileno()).st_ino)
+        return os.fstat(sock.fileno()).st_ino
     except (OSError, ValueError):
         return None
+
+
+def udp_receive_drops(udp_inode: int) -> int | None:
+    """What the kernel dropped for the UDP socket with inode ``udp_inode`` (receive
+    buffer full), from /proc/net/udp and udp6 (Linux); None where that cannot be read."""
+    inode = str(udp_inode)
     for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
         try:
             with open(table, encoding="ascii") as lines:
@@ -467,13 +480,13 @@ def registry_for(
     server: Server,
     health: Health,
     transitions: TransitionCounter,
-    udp_socket: socket.socket | None = None,
+    udp_inode: int | None = None,
 ) -> CollectorRegistry:
     """A registry with the daemon's metrics and the standard process metrics."""
     from prometheus_client import ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(server, health, transitions, udp_socket))
+    registry.register(DaemonCollector(server, health, transitions, udp_inode))
     ProcessCollector(registry=registry)
     return registry
 
