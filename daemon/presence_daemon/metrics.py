@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from presence_daemon.server import Server
 
 log = logging.getLogger("presence_daemon.health")
+transition_log = logging.getLogger("presence_daemon.server")
+"""Transitions are logged with the server's connects and disconnects."""
 
 MAX_REQUEST_HEAD: Final = 8192
 """Bytes a request line and headers may take; a longer head is answered 431."""
@@ -119,9 +121,9 @@ class TransitionCounter:
             self.online += 1
         else:
             self.offline += 1
-        if log.isEnabledFor(logging.DEBUG):
+        if transition_log.isEnabledFor(logging.DEBUG):
             state = "online" if transition.online else "offline"
-            logging.getLogger("presence_daemon.server").debug(
+            transition_log.debug(
                 "transition: user %s went %s (version %d)",
                 transition.user,
                 state,
