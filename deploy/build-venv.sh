@@ -8,8 +8,9 @@
 # `deps` needs only deploy/ and the pyproject.toml files, so an image's dependency layer
 # does not change when only source does. `app` builds the wheels of presence-client
 # (and presence-daemon for the server) from a clean copy of the source, installs them
-# with --no-deps, deletes the wheels and runs `pip check`. PYTHON picks the interpreter
-# (default python3); pip's cache and configuration apply as usual.
+# with --no-deps, deletes the wheels, runs `pip check`, then removes pip and setuptools
+# from the venv. PYTHON picks the interpreter (default python3); pip's cache and
+# configuration apply as usual.
 set -eu
 
 usage() {
@@ -48,6 +49,8 @@ case $phase in
         "$dest/bin/python" -m pip install --disable-pip-version-check --no-deps \
             "$work"/wheels/*.whl
         "$dest/bin/python" -m pip check
+        # The venv runs the service; it installs nothing more (the base image has pip).
+        "$dest/bin/python" -m pip uninstall --disable-pip-version-check -q -y pip setuptools
         ;;
     *) usage ;;
 esac

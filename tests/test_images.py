@@ -443,6 +443,7 @@ def test_image_dependency_sets(images: dict[str, ImageVenv]) -> None:
         assert not server.imports(module), f"server image holds {module}"
     for image in (client, server):
         assert not list(image.venv.rglob("*.whl")), "no wheel left in the venv"
+        assert not image.imports("pip") and not image.imports("setuptools")
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT * 2)
