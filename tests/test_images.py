@@ -377,6 +377,31 @@ def test_compose_daemons_are_accepted_by_the_daemon_config_parser() -> None:
     assert len(instance_ids) == len(daemons), "every daemon has its own instance id"
 
 
+def test_compose_file_passes_compose_config() -> None:
+    """With a compose binary at hand, its own validation (no engine needed) must pass."""
+    if shutil.which("docker-compose"):
+        command = ["docker-compose"]
+    elif (
+        shutil.which("docker")
+        and subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=RUN_TIMEOUT
+        ).returncode
+        == 0
+    ):
+        command = ["docker", "compose"]
+    else:
+        pytest.skip("no docker compose here: compose.yaml is checked structurally only")
+    for profiles in ([], ["--profile", "client", "--profile", "cluster"]):
+        result = subprocess.run(
+            [*command, *profiles, "-f", str(ROOT / "compose.yaml"), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr
+
+
 def test_compose_redis_client_and_cluster_services() -> None:
     spec = compose()
     services = spec["services"]
