@@ -67,7 +67,7 @@ NAME_RULE: Final = (
     "no spaces or symbols"
 )
 QUIT_WORDS: Final = frozenset({"q", "quit", "exit"})
-DISTRIBUTION: Final = "presence-service"
+DISTRIBUTION: Final = "presence-client"
 
 
 def package_version() -> str:

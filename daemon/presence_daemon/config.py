@@ -47,6 +47,8 @@ MAX_PROCESSES: Final = 1024
 """Most daemon processes one supervisor starts."""
 WORKER_SUFFIX: Final = 12
 """Characters a supervisor adds to the instance id for each worker (``-<k>.<restart>``)."""
+DISTRIBUTION: Final = "presence-daemon"
+"""The installed distribution whose version ``--version`` prints."""
 
 
 class ConfigError(ValueError):
@@ -379,7 +381,7 @@ def package_version() -> str:
     from importlib import metadata
 
     try:
-        return metadata.version("presence-service")
+        return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
         return "unknown"
 
