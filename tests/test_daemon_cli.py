@@ -528,7 +528,7 @@ def test_version(module: str, prog: str) -> None:
         timeout=RUN_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{prog} {metadata.version('presence-service')}\n"
+    assert result.stdout == f"{prog} {metadata.version('presence-daemon')}\n"
     assert result.stderr == ""
 
 

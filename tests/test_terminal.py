@@ -31,7 +31,7 @@ from presence_client.render import (
     render_friend_lines,
     render_view,
 )
-from presence_client.sdk import FriendEvent, StatusEvent
+from presence_client.sdk import FriendEvent, PresenceClient, StatusEvent, parse_server
 from presence_client.terminal import LineSource, UsageError, build_parser, main, read_names
 
 WAIT = 10.0
@@ -202,6 +202,29 @@ def test_view_state_and_render_view() -> None:
     assert "(no friends declared)" in _text_of(render_view(ViewState("erin", {})))
 
 
+def test_view_shows_friends_unknown_until_known_and_after_the_connection_is_lost() -> None:
+    state = ViewState("alice", {"bob": None, "carol": None})
+    text = _text_of(render_view(state))
+    assert text.count("? unknown") == 2
+    assert "offline" not in text
+    now = datetime(2024, 1, 2, 12, 0, 1)
+    state.sync({"bob": True, "carol": False})  # not connected yet: still unknown
+    assert state.friends == {"bob": None, "carol": None}
+    state.apply(StatusEvent("connected", ("127.0.0.1", 13131)), now)
+    state.sync({"bob": True, "carol": None, "dave": False})  # names follow the client
+    assert state.friends == {"bob": True, "carol": None, "dave": False}
+    text = _text_of(render_view(state))
+    assert re.search(r"bob\s+│\s+● online", text)
+    assert re.search(r"carol\s+│\s+\? unknown", text)
+    assert re.search(r"dave\s+│\s+○ offline", text)
+    for status in ("reconnecting", "disconnected"):
+        state.apply(StatusEvent("connected", None), now)
+        state.sync({"bob": True})
+        state.apply(StatusEvent(status, None), now)
+        assert state.friends == {"bob": None}, status
+        assert "? unknown" in _text_of(render_view(state))
+
+
 # -- command line --------------------------------------------------------------------
 
 
@@ -326,6 +349,22 @@ def test_two_terminal_clients_see_each_other(daemon: str) -> None:
         alice.kill()
         if bob is not None:
             bob.kill()
+
+
+async def test_sdk_friend_states_are_unknown_unless_connected(daemon: str) -> None:
+    server = parse_server(daemon)
+    bob = PresenceClient("bob", ["alice"], servers=[server])
+    alice = PresenceClient("alice", ["bob", "carol"], servers=[server])
+    assert alice.friend_states == {"bob": None, "carol": None}
+    assert alice.friends == {"bob": False, "carol": False}  # the plain view says offline
+    await bob.connect()
+    try:
+        await alice.connect()
+        assert alice.friend_states == {"bob": True, "carol": False}
+        await alice.disconnect()
+        assert alice.friend_states == {"bob": None, "carol": None}
+    finally:
+        await bob.disconnect()
 
 
 def test_stdin_flow_eof_does_not_quit_and_q_does(daemon: str) -> None:

@@ -231,7 +231,7 @@ def test_friend_who_is_the_user_is_asked_again_on_stdin(silent: socket.socket) -
 
 
 def test_version_from_package_metadata() -> None:
-    wanted = f"presence-client {metadata.version('presence-service')}\n"
+    wanted = f"presence-client {metadata.version('presence-client')}\n"
     for args in ([PROGRAM], [sys.executable, "-m", "presence_client"]):
         done = run([*args, "--version"])
         assert (done.returncode, done.stdout) == (0, wanted)

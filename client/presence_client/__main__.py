@@ -2,6 +2,6 @@
 
 import sys
 
-from presence_client.terminal import main
+from presence_client.command import main
 
 sys.exit(main())

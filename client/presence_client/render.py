@@ -60,10 +60,15 @@ def render_friend_lines(friends: Mapping[str, bool]) -> list[str]:
 
 @dataclass
 class ViewState:
-    """Everything the live view shows; updated with :meth:`apply`."""
+    """Everything the live view shows; updated with :meth:`apply` and :meth:`sync`.
+
+    ``friends`` maps each declared friend to online, offline, or None for unknown: nothing
+    is known before the first connection, and what was known goes stale the moment the
+    connection is lost, so every friend shows unknown until the next one is made.
+    """
 
     user: str
-    friends: dict[str, bool]
+    friends: dict[str, bool | None]
     servers: Sequence[Server] = ()
     status: str = "connecting"
     server: Server | None = None
@@ -79,8 +84,18 @@ class ViewState:
             return
         self.status = event.status
         self.server = event.server
+        if event.status != "connected":
+            self.friends = dict.fromkeys(self.friends)
         where = f" to {format_server(event.server)}" if event.server is not None else ""
         self.log.append((now, f"{event.status}{where}"))
+
+    def sync(self, friends: Mapping[str, bool | None]) -> None:
+        """Take the client's current friend states (names and what is known of them);
+        while not connected every friend stays unknown."""
+        if self.status == "connected":
+            self.friends = dict(friends)
+        else:
+            self.friends = dict.fromkeys(friends)
 
 
 _STATUS_STYLES: Final = {
@@ -110,7 +125,9 @@ def render_view(state: ViewState) -> RenderableType:
     if not state.friends:
         table.add_row(Text("(no friends declared)", style="dim"), "")
     for name, online in state.friends.items():
-        if online:
+        if online is None:
+            table.add_row(Text(name, style="dim"), Text("? unknown", style="dim italic"))
+        elif online:
             table.add_row(name, Text("● online", style="bold green"))
         else:
             table.add_row(Text(name, style="dim"), Text("○ offline", style="dim"))

@@ -315,6 +315,21 @@ class PresenceClient:
         if error is not None:
             raise PresenceClientError(f"disconnect not acknowledged: {error}", error.code)
 
+    @property
+    def friend_states(self) -> dict[str, bool | None]:
+        """Declared friend -> visible online, or None while unknown.
+
+        Unknown means no state for the friend has arrived in the current session: before
+        the first CONNECT_OK, while reconnecting, after a disconnect, and (briefly) for a
+        name just added. :attr:`friends` says False for those; a program that shows
+        presence to people should show them as unknown instead.
+        """
+        live = self.session is not None and not self._closed
+        return {
+            name: online if live and name in self.versions else None
+            for name, online in self.friends.items()
+        }
+
     async def add_friends(self, names: Iterable[str]) -> None:
         """Declare more friends."""
         await self._change_friends(FriendsOp.ADD, names)

@@ -67,7 +67,7 @@ NAME_RULE: Final = (
     "no spaces or symbols"
 )
 QUIT_WORDS: Final = frozenset({"q", "quit", "exit"})
-DISTRIBUTION: Final = "presence-service"
+DISTRIBUTION: Final = "presence-client"
 
 
 def package_version() -> str:
@@ -426,7 +426,8 @@ class PlainDisplay:
 class LiveDisplay:
     """A rich Live view of :class:`ViewState`, redrawn on every event."""
 
-    def __init__(self, state: ViewState, console: Console) -> None:
+    def __init__(self, client: PresenceClient, state: ViewState, console: Console) -> None:
+        self.client = client
         self.state = state
         self.live = Live(
             render_view(state), console=console, auto_refresh=False, redirect_stderr=False
@@ -447,6 +448,8 @@ class LiveDisplay:
 
     def on_event(self, event: Event) -> None:
         self.state.apply(event, datetime.now())
+        # Listeners run as the client emits, so its states are exactly as of this event.
+        self.state.sync(self.client.friend_states)
         self.live.update(render_view(self.state), refresh=True)
 
 
@@ -492,7 +495,7 @@ async def run_client(
     if live:
         console = Console(file=out)
         _setup_logging(opts.log_level, console)
-        display = LiveDisplay(ViewState(user, dict(client.friends), opts.servers), console)
+        display = LiveDisplay(client, ViewState(user, client.friend_states, opts.servers), console)
     else:
         _setup_logging(opts.log_level, None)
         display = PlainDisplay(client, out)

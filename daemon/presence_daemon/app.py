@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
-from presence_daemon import auth
+from presence_daemon import auth, logs, metrics
 from presence_daemon.config import Config, ConfigError, safe_url
 from presence_daemon.embedded import EmbeddedRedis
 from presence_daemon.presence import InstanceIdInUse, Presence, redis_client
@@ -91,9 +91,15 @@ async def serve(
     verifier = auth.from_config(config)  # before anything starts: bad key files fail fast
     # The port next: one in use (or an address not ours) fails before any Redis starts.
     # Datagrams that arrive before the daemon serves wait in the socket's buffer.
-    sock: socket.socket | None = bind_udp(config.host, config.port, reuse_port=config.reuse_port)
+    bound = bind_udp(config.host, config.port, reuse_port=config.reuse_port)
+    udp_inode = metrics.socket_inode(bound)  # (the kernel's drop count is kept by inode)
+    sock: socket.socket | None = bound
+    metrics_sock: socket.socket | None = None
     embedded: EmbeddedRedis | None = None
+    endpoint: metrics.MetricsServer | None = None
     try:
+        if config.metrics_port:
+            metrics_sock = metrics.bind_tcp(config.metrics_host, config.metrics_port)
         redis_url = config.redis_url
         if config.embedded_redis:
             embedded = EmbeddedRedis()
@@ -108,8 +114,17 @@ async def serve(
             max_friends=config.max_friends,
             lease_ttl=config.lease_ttl,
         )
+        logs.set_instance(presence.instance_id)
         # Before start(): reaping at start notifies friends.
         server = Server(config, presence, verifier=verifier)
+        transitions = metrics.TransitionCounter()
+        presence.subscribe(transitions)
+        health = metrics.Health(server)
+        if metrics_sock is not None:
+            registry = metrics.registry_for(server, health, transitions, udp_inode)
+            endpoint = metrics.MetricsServer(registry, health)
+            await endpoint.start(metrics_sock)  # /readyz: "starting" until it serves
+            metrics_sock = None  # the endpoint's now
         trigger = shutdown_trigger or _install_signal_trigger()
         try:
             await presence.start()
@@ -119,28 +134,99 @@ async def serve(
             )
             sock = None  # the transport's now
             _enlarge_receive_buffer(transport)
+            watcher: asyncio.Task[None] | None = None
             try:
                 server.start()
+                health.started = True
+                watcher = asyncio.create_task(_watch(server, health))
                 host, port = transport.get_extra_info("sockname")[:2]
                 print(f"{READY_PREFIX}{host}:{port} instance={server.instance_id}", flush=True)
-                log.info("serving on udp://%s:%d with redis %s", host, port, safe_url(redis_url))
+                _log_start(server, (host, port), redis_url, endpoint)
                 _log_auth(config, verifier)
                 if on_ready is not None:
                     on_ready(server, (host, port))
                 await trigger()
-                log.info("shutting down: removing %d clients from Redis", len(server.by_client))
+                log.info(
+                    "shutting down: removing %d clients from Redis",
+                    len(server.by_client),
+                    extra={"event": "stopping", "clients": len(server.by_client)},
+                )
                 await server.stop()
             finally:
+                if watcher is not None:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
                 transport.close()
-            log.info("stopped; counters: %s", dict(sorted(server.counters.items())))
+            log.info(
+                "stopped; counters: %s",
+                dict(sorted(server.counters.items())),
+                extra={"event": "stopped"},
+            )
             return server
         finally:
             await presence.close()
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         if sock is not None:
             sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         if embedded is not None:
             embedded.stop()
+
+
+HEALTH_POLL_INTERVAL: Final = 0.25
+"""Seconds between two looks at Redis's state (for the down/up log lines)."""
+
+
+async def _watch(server: Server, health: metrics.Health) -> None:
+    """Log Redis going down and coming back (once per change), and a summary of the bad
+    datagrams of each interval (never a line per datagram; the last one when cancelled)."""
+    summary = logs.BadDatagramSummary(lambda: server.counters)
+    loop = asyncio.get_running_loop()
+    next_summary = loop.time() + logs.BAD_DATAGRAM_LOG_INTERVAL
+    try:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_INTERVAL)
+            health.poll()
+            if loop.time() >= next_summary:
+                next_summary = loop.time() + logs.BAD_DATAGRAM_LOG_INTERVAL
+                summary.tick()
+    finally:
+        summary.tick()
+
+
+def _log_start(
+    server: Server,
+    address: Address,
+    redis_url: str,
+    endpoint: metrics.MetricsServer | None,
+) -> None:
+    """The start line: where the daemon serves, as whom, on which Redis (no password)."""
+    host, port = address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    http = ""
+    fields: dict[str, object] = {
+        "event": "started",
+        "address": f"udp://{where}",
+        "instance": server.instance_id,
+        "redis": safe_url(redis_url),
+    }
+    if endpoint is not None:
+        mhost, mport = endpoint.address
+        mwhere = f"[{mhost}]:{mport}" if ":" in mhost else f"{mhost}:{mport}"
+        http = f"; metrics on http://{mwhere}/metrics"
+        fields["metrics"] = f"http://{mwhere}"
+    log.info(
+        "serving on udp://%s as instance %s with redis %s%s",
+        where,
+        server.instance_id,
+        safe_url(redis_url),
+        http,
+        extra=fields,
+    )
 
 
 def _log_auth(config: Config, verifier: auth.Verifier | None) -> None:
@@ -228,12 +314,8 @@ def run(config: Config) -> int:
     """Run the daemon in the current thread with uvloop; returns a process exit code."""
     # A worker sharing its port with others (--processes) shares their log too: its
     # lines name it.
-    who = f"[{config.instance_id}]" if config.reuse_port and config.instance_id else ""
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s",
-        stream=sys.stderr,
-    )
+    who = config.instance_id if config.reuse_port and config.instance_id else ""
+    logs.configure(config.log_level, config.log_format, instance=who)
     try:
         _run_with_uvloop(serve(config))
     except ConfigError as exc:

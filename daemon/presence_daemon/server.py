@@ -76,6 +76,7 @@ from presence_client.protocol import (
     GoAway,
     GoAwayReason,
     Message,
+    MessageType,
     Notify,
     Ping,
     ProtocolError,
@@ -125,6 +126,27 @@ GO_AWAY_BATCH: Final = 64
 all land on the next daemon's socket in the same instant (and overflow its buffer)."""
 GO_AWAY_PACE: Final = 0.02
 """Seconds between two batches of GO_AWAY."""
+
+
+def _log_session(what: str, session: Session, *, reason: str = "") -> None:
+    """One debug line about a session: user, client id and address, never a token."""
+    host, port = session.address[:2]
+    log.debug(
+        "%s: user %s, client %s, address %s:%d%s",
+        what,
+        session.user,
+        session.client_id,
+        host,
+        port,
+        f" ({reason})" if reason else "",
+        extra={
+            "event": what,
+            "user": session.user,
+            "client_id": session.client_id,
+            "address": f"{host}:{port}",
+            **({"reason": reason} if reason else {}),
+        },
+    )
 
 
 def _token_bytes(token: str) -> bytes:
@@ -222,6 +244,15 @@ class Server:
         """Datagrams received that the fast path did not answer."""
         self._pongs = 0
         """PINGs answered by the fast path (each also one datagram in and one out)."""
+        self.fast_pongs = 0
+        """PINGs answered by the fast path, up to the last read of ``counters``."""
+        self.received_by_type = [0] * (max(MessageType) + 1)
+        """Datagrams decoded on the full path, by message type (the fast path's pings
+        are ``fast_pongs``)."""
+        self.sent_by_type = [0] * (max(MessageType) + 1)
+        """Datagrams sent other than the fast path's pongs, by message type."""
+        self.sweep_delay = 0.0
+        """Seconds the last timeout sweep started late (event-loop lag)."""
         self._queues: list[asyncio.Queue[Job]] = [
             asyncio.Queue(config.queue_size) for _ in range(config.workers)
         ]
@@ -364,6 +395,7 @@ class Server:
             counts["datagrams_in"] += self._datagrams_in + pongs
             self._datagrams_in = 0
             counts["pings"] += pongs
+            self.fast_pongs += pongs
             counts["datagrams_out"] += pongs
         return counts
 
@@ -419,6 +451,7 @@ class Server:
                 self.counters[f"rejected_{exc.code.name.lower()}"] += 1
                 self._reply(Error(exc.request, exc.code), addr, limit=len(data))
                 return
+            self.received_by_type[msg.TYPE] += 1
             if msg.TYPE not in CLIENT_TO_DAEMON:
                 self.counters["dropped_daemon_message"] += 1
             elif type(msg) is Ping:
@@ -488,6 +521,7 @@ class Server:
             return False
         self._send(data, addr)
         self.counters["datagrams_out"] += 1
+        self.sent_by_type[msg.TYPE] += 1
         return True
 
     def _on_ping(self, msg: Ping, addr: Address, size: int) -> None:
@@ -499,6 +533,7 @@ class Server:
         self.counters["pings"] += 1
         self._send(encode_pong(session.seq), addr)
         self.counters["datagrams_out"] += 1
+        self.sent_by_type[MessageType.PONG] += 1
 
     def _touch(self, session: Session, addr: Address) -> bool:
         """A datagram with the session's token arrived from ``addr``.
@@ -611,6 +646,7 @@ class Server:
                 for data in session.snapshot_answer:
                     self._send(data, session.address)
                 self.counters["datagrams_out"] += len(session.snapshot_answer)
+                self.sent_by_type[MessageType.SNAPSHOT] += len(session.snapshot_answer)
                 replayed = "snapshots_replayed" if session.snapshot_answer else "snapshots_pending"
                 self.counters[replayed] += 1
                 return True
@@ -729,6 +765,8 @@ class Server:
             self._drop(existing)
             self.counters["sessions_replaced"] += 1
         self.counters["connects"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            _log_session("connected", session)
         await self._send_connect_ok(msg, session, addr, size, done.view, mark.seq)
 
     async def _connect_new(
@@ -854,6 +892,8 @@ class Server:
         )
         self._drop(session)
         self.counters[f"removed_{reason}"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            _log_session("disconnected", session, reason=reason)
 
     async def _on_friends(self, msg: Friends, session: Session) -> None:
         if self.config.friend_lists == "app":
@@ -928,6 +968,7 @@ class Server:
         for data in answer:
             self._send(data, session.address)
         self.counters["datagrams_out"] += len(answer)
+        self.sent_by_type[MessageType.SNAPSHOT] += len(answer)
         interval = self.config.snapshot_interval
         if interval > 0 and session.snapshot_request == msg.request:
             # Kept for one interval, to answer the same request again if this was lost.
@@ -1015,6 +1056,20 @@ class Server:
         sent GO_AWAY (state lost) so it connects again declaring its friends.
         """
         self.counters["lease_lost"] += 1
+        log.info(
+            "lease of %s taken again: putting back the %d clients held%s",
+            self.instance_id,
+            len(self.by_token),
+            " and asking them to declare their friends again (Redis lost its data)"
+            if state_lost
+            else "",
+            extra={
+                "event": "lease_regained",
+                "instance": self.instance_id,
+                "clients": len(self.by_token),
+                "state_lost": state_lost,
+            },
+        )
         for session in list(self.by_token.values()):
             session.seq += 1
             if state_lost and session.verified:
@@ -1092,8 +1147,11 @@ class Server:
                 self._enqueue_restore(session)
 
     async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopped:
+            due = loop.time() + self.config.sweep_interval
             await asyncio.sleep(self.config.sweep_interval)
+            self.sweep_delay = max(loop.time() - due, 0.0)
             self.sweep(self.clock())
 
     # -- notifications -------------------------------------------------------------

@@ -8,7 +8,8 @@ one), then starts N workers: ``python -m presence_daemon`` with the same setting
 ``--processes 1 --reuse-port``, that port, and instance id ``<id>-<k>``. Once every
 worker has printed its ready line, the supervisor closes its own socket (the kernel
 would otherwise hand it a share of the clients) and prints one ready line naming all
-the workers.
+the workers. With ``--metrics-port P``, worker k serves its metrics, health and
+readiness on port P + k - 1 (the supervisor serves none).
 
 Each worker is a whole daemon: its own instance id, lease, sessions and Redis
 connections. The kernel spreads clients over the workers' sockets by a hash of the
@@ -43,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from presence_daemon import logs
 from presence_daemon.app import READY_PREFIX, bind_udp
 from presence_daemon.config import Config, config_args
 from presence_daemon.embedded import EmbeddedRedis, pdeathsig_preexec
@@ -101,6 +103,11 @@ class Supervisor:
             instance_id=worker.instance_id,
             redis_url=self.redis_url,
             embedded_redis=False,  # the supervisor's embedded Redis, if any, is shared
+            # Worker k serves metrics on the given port + k - 1: worker 1 on the port
+            # itself, so a health check of the base port works with any N.
+            metrics_port=self.config.metrics_port + worker.index - 1
+            if self.config.metrics_port
+            else 0,
         )
         return [sys.executable, "-m", "presence_daemon", *config_args(settings)]
 
@@ -251,11 +258,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 def run(config: Config) -> int:
     """Run the supervisor and its ``config.processes`` workers; returns the exit code."""
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, config.log_format)
     try:
         return asyncio.run(Supervisor(config).run())
     except OSError as exc:
