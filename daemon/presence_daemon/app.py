@@ -107,6 +107,7 @@ async def serve(
             instance_id=config.pick_instance_id(),
             max_friends=config.max_friends,
             lease_ttl=config.lease_ttl,
+            stream_max_len=config.stream_max_len,
         )
         # Before start(): reaping at start notifies friends.
         server = Server(config, presence, verifier=verifier)

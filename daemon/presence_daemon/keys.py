@@ -93,3 +93,9 @@ def owned_member(user: str, client_id: str, token: str) -> str:
 def inbox_channel(instance_id: str) -> str:
     """Pub/sub channel on which a daemon receives notifications for clients it owns."""
     return f"{PREFIX}:owner:{{{instance_id}}}:inbox"
+
+
+TRANSITIONS_STREAM: Final = f"{PREFIX}:transitions"
+"""Capped stream of every transition decided by any daemon or library instance, with
+fields ``user``, ``online`` (0/1), ``version``, ``decided_ms``, ``decided_by`` and
+``retold`` (0/1): see ``Presence.watch``. One key, so one slot on a cluster."""
