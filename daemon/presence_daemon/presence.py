@@ -382,7 +382,9 @@ def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
                 replaced.append(Replaced(check_name(c, "client id"), _inbox_token(t), True))
                 continue
             if len(item) == 3:  # [client id, token, 0]: the user's list changed
-                c, t, _ = item
+                c, t, zero = item
+                if type(zero) is not int or zero != 0:
+                    raise ValueError(f"bad item {item!r}")
                 deliveries.append(Delivery("", check_name(c, "client id"), _inbox_token(t), None))
                 continue
             c, t, n, o, v = item
