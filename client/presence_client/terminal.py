@@ -64,14 +64,14 @@ from presence_client.sdk import (
 )
 
 PROG: Final = "presence-client"
+EXIT_KICKED: Final = 3
+"""Exit code after an operator disconnected the client."""
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 NAME_RULE: Final = (
     f"1-{MAX_NAME_CHARS} letters (any script), digits, '_', '.', '@', '+' or '-'; "
     "no spaces or symbols"
 )
 QUIT_WORDS: Final = frozenset({"q", "quit", "exit"})
-EXIT_KICKED: Final = 3
-"""Exit code after an operator disconnected the client."""
 DISTRIBUTION: Final = "presence-service"
 
 
