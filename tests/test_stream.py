@@ -264,3 +264,20 @@ async def test_a_transition_whose_decider_died_is_appended_when_told_again(
     assert (entry.transition, entry.retold) == (Transition("alice", True, version), True)
     assert (entry.decided_ms, entry.decided_by) == (decided, "lib-b")
     assert await r.exists(keys.pending_key("alice")) == 0
+
+
+async def test_a_watch_ends_when_its_instance_closes(redis_url: str) -> None:
+    p = Presence(redis_client(redis_url), lease_ttl=None)
+    await p.start()
+    got: list[StreamEntry] = []
+
+    async def consume() -> None:
+        async for entry in p.watch("0"):
+            got.append(entry)
+
+    task = asyncio.create_task(consume())
+    await p.connected("a1", "alice")
+    await wait_for(lambda: bool(got), timeout=10, what="alice's entry")
+    await p.close()
+    await asyncio.wait_for(task, 10)  # ended by itself, not cancelled
+    assert pairs(got) == [("alice", True)]

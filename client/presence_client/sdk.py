@@ -284,9 +284,11 @@ class PresenceClient:
         """Connect (retrying with backoff along the server list), then start pinging.
 
         Raises PresenceClientError if the daemon refuses (for example CLIENT_ID_IN_USE)
-        or no server answered within ``connect_attempts`` attempts.
+        or no server answered within ``connect_attempts`` attempts. (After a kick, an
+        explicit connect is allowed: a kick is not a ban.)
         """
         self._closed = False
+        self.kicked = False
         await self._connect_once(self.connect_attempts, declare=True)
         self._ping_task = asyncio.create_task(self._ping_loop())
 

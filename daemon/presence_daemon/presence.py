@@ -913,7 +913,8 @@ class Presence:
         (the cap trimmed past it, or Redis lost the stream): read the state again and
         watch afresh. Raises ValueError for a malformed ``after``. While Redis is
         unreachable it retries (a cluster failover included); each blocking read waits
-        at most ``block`` seconds, on a connection of the client's pool.
+        at most ``block`` seconds, on a connection of the client's pool. It ends when
+        this instance is closed.
         """
         stream = keys.TRANSITIONS_STREAM
         if after is None:
@@ -927,7 +928,7 @@ class Presence:
             raise ValueError(f"a stream entry id is 'MS-SEQ' (or '0'): {after!r}")
         seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         failures = 0
-        while True:
+        while not self._closing:
             try:
                 kept, page = await self.scripts.call(
                     self.redis, "stream", [stream], [cursor, WATCH_PAGE]
