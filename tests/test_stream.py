@@ -281,3 +281,59 @@ async def test_a_watch_ends_when_its_instance_closes(redis_url: str) -> None:
     await p.close()
     await asyncio.wait_for(task, 10)  # ended by itself, not cancelled
     assert pairs(got) == [("alice", True)]
+
+
+async def test_an_untold_transition_replaced_by_the_next_one_still_reaches_the_stream(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    """The decider of alice's online died before telling it; her next change (offline)
+    is decided before anyone told the online again: both reach the stream, in order."""
+    p = await make_presence(instance_id="lib-c")
+    decided = round(p.now() * 1000)
+    token = "aa" * 16
+    args: list[str | int] = ["a1", f"{token}|d0|", decided, 0, "connect", 0]
+    _, went_online, version, _, _ = await p.scripts.call(
+        r, "connect", keys.user_keys("alice"), args
+    )
+    assert went_online == 1
+    assert await p.disconnected("a1", user="alice", token=token)
+    entries = await take(p.watch("0"), 2)
+    assert [(e.transition.online, e.retold) for e in entries] == [(True, True), (False, False)]
+    assert entries[0].transition.version == version < entries[1].transition.version
+    assert entries[0].decided_ms == decided
+    assert await r.exists(keys.pending_key("alice")) == 0  # the whole chain confirmed
+
+
+async def test_the_outbox_keeps_a_bounded_chain_of_replaced_transitions(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    p = await make_presence()
+    token = "aa" * 16
+    for _ in range(40):  # decided, never told: each replaces the one before
+        for mode in ("connect", "disconnect"):
+            now = round(p.now() * 1000)
+            if mode == "connect":
+                args: list[str | int] = ["a1", f"{token}|d0|", now, 0, "connect", 0]
+                await p.scripts.call(r, "connect", keys.user_keys("alice"), args)
+            else:
+                args = ["a1", token, now, 0]
+                await p.scripts.call(r, "disconnect", keys.user_keys("alice"), args)
+    value = str(await r.get(keys.pending_key("alice")) or "")
+    assert 0 < len(value) <= 400
+    parts = value.split(";")
+    assert 10 <= len(parts) < 80
+    versions = [int(part.split("|")[1]) for part in parts]
+    assert versions == sorted(versions, reverse=True)  # newest first, oldest dropped
+    # The next connect decides alice's online (the chain's oldest part may drop to make
+    # room) and tells it all: each older transition, then the newest.
+    c = await p.connected("a2", "alice")
+    assert c.went_online
+    entries: list[StreamEntry] = []
+    async for entry in p.watch("0"):
+        entries.append(entry)
+        if entry.transition.version == c.version:
+            break
+    told = [e.transition.version for e in entries]
+    assert len(told) >= 10
+    assert told[:-1] == versions[: len(told) - 1][::-1]  # the newest of the older ones
+    assert await r.exists(keys.pending_key("alice")) == 0

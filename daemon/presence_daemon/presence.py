@@ -280,9 +280,9 @@ class StreamEntry:
 
 @dataclass(slots=True)
 class _Record:
-    """The stream append of one transition (done at most once per telling)."""
+    """The stream appends of one telling (done at most once per telling)."""
 
-    command: tuple[str | int, ...]
+    commands: list[tuple[str | int, ...]]
     done: bool = False
 
 
@@ -445,6 +445,12 @@ def _stream_entry(entry_id: str, raw: Any) -> StreamEntry | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _outbox_part(part: str) -> tuple[bool, int, int]:
+    """(online, version, decided_ms) of one "online|version|decided_ms" outbox part."""
+    online, version, since = part.split("|", 2)
+    return online == "1", int(version), int(since)
 
 
 def _text(value: Any) -> str:
@@ -1315,53 +1321,60 @@ class Presence:
     ) -> None:
         """Tell a transition from the user's outbox to every mutual friend, then confirm.
 
-        ``pending`` is a script's ``{online, version, mutual...}`` (empty: nothing to
-        tell); ``decided`` says this call decided it (else it is told again, having
-        been decided earlier by a call that did not confirm it). ``routes`` holds the
-        clients of some friends, read after the decision (those need no second read).
+        ``pending`` is a script's ``{online, version, decided_ms, mutual...[, older]}``
+        (empty: nothing to tell); ``decided`` says this call decided it (else it is told
+        again, having been decided earlier by a call that did not confirm it). ``older``
+        ("online|version|decided_ms;...", newest first) lists unconfirmed transitions it
+        replaced: friends need only the newest, the transition stream gets them all.
+        ``routes`` holds the clients of some friends, read after the decision (those
+        need no second read).
         """
         if not pending:
             return
         online, version, since = bool(pending[0]), int(pending[1]), int(pending[2])
+        names = [_text(name) for name in pending[3:]]
+        older = names.pop() if names and "|" in names[-1] else ""
         if decided:
             self._emit(Transition(user, online, version))
         else:
             self.retold += 1
         state = FriendState(user, online, version)
+        told = f"{int(online)}|{version}|{since}" + (f";{older}" if older else "")
+        appends = [
+            self._xadd(user, *_outbox_part(part), retold=True)
+            for part in reversed(older.split(";") if older else [])
+        ]
+        appends.append(self._xadd(user, online, version, since, retold=not decided))
         await self._fan_out(
-            [(_text(name), state) for name in pending[3:]],
-            confirm=("told", [keys.pending_key(user)], [f"{int(online)}|{version}|{since}"]),
+            [(name, state) for name in names],
+            confirm=("told", [keys.pending_key(user)], [told]),
             routes=routes,
-            record=self._record(user, online, version, since, retold=not decided),
+            record=_Record(appends) if self.stream_max_len else None,
         )
 
-    def _record(
+    def _xadd(
         self, user: str, online: bool, version: int, since: int, *, retold: bool
-    ) -> _Record | None:
-        """The stream append of a transition about to be told (None: no stream)."""
-        if not self.stream_max_len:
-            return None
-        return _Record(
-            (
-                "XADD",
-                keys.TRANSITIONS_STREAM,
-                "MAXLEN",
-                "~",
-                self.stream_max_len,
-                "*",
-                "user",
-                user,
-                "online",
-                int(online),
-                "version",
-                version,
-                "decided_ms",
-                since,
-                "decided_by",
-                self.instance_id,
-                "retold",
-                int(retold),
-            )
+    ) -> tuple[str | int, ...]:
+        """The command that appends one transition to the transition stream."""
+        return (
+            "XADD",
+            keys.TRANSITIONS_STREAM,
+            "MAXLEN",
+            "~",
+            self.stream_max_len,
+            "*",
+            "user",
+            user,
+            "online",
+            int(online),
+            "version",
+            version,
+            "decided_ms",
+            since,
+            "decided_by",
+            self.instance_id,
+            "retold",
+            int(retold),
         )
 
     def _settle_later(self, user: str) -> None:
@@ -1445,7 +1458,9 @@ class Presence:
 
         async def append() -> None:
             if record is not None and not record.done:
-                await self.io.execute_command(*record.command)
+                for result in await self.io.execute_many(record.commands):
+                    if isinstance(result, Exception):
+                        raise result
                 record.done = True
 
         return asyncio.ensure_future(append())
