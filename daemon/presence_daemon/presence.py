@@ -41,6 +41,10 @@ decision whose answer was lost, or whose decider died, still reaches every frien
 Versions make a repeat harmless, and versions never fall below the wall clock (in ms),
 so they keep growing even across a Redis that restarted empty.
 
+A transition decided while an older one is still unconfirmed goes in front of it in the
+outbox ("new;old"): friends need only the newest, but each older one still has to
+reach the transition stream, and the teller of the newest appends them first.
+
 The transition stream: before a teller confirms a transition told, it appends it to one
 capped Redis Stream (``keys.TRANSITIONS_STREAM``, ``XADD MAXLEN ~``), in the same
 pipeline as its first fan-out read. Only once that append succeeded is ``told.lua``
