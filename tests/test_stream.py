@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from conftest import CLUSTER_NODE_TIMEOUT_MS
 from daemons import DaemonFactory, daemon_factory_fixture  # noqa: F401
 from helpers import ManualClock, wait_for
 from presence_client.sdk import PresenceClient
 from presence_daemon import keys
+from presence_daemon.embedded import EmbeddedCluster
 from presence_daemon.presence import (
     OUTBOX_GRACE,
     Presence,
@@ -27,6 +30,7 @@ from presence_daemon.presence import (
     StreamGap,
     Transition,
     redis_client,
+    stop_tasks,
 )
 
 pytestmark = pytest.mark.backends  # every test runs on one Redis and on a Valkey Cluster
@@ -337,3 +341,67 @@ async def test_the_outbox_keeps_a_bounded_chain_of_replaced_transitions(
     assert len(told) >= 10
     assert told[:-1] == versions[: len(told) - 1][::-1]  # the newest of the older ones
     assert await r.exists(keys.pending_key("alice")) == 0
+
+
+FAILOVER_WAIT = 30.0
+"""Bound for a replica to take over (node timeout 1.5 s and an election; CI noise)."""
+
+
+async def test_a_watch_follows_a_cluster_failover_of_the_stream_master() -> None:
+    """The master serving the stream is SIGKILLed while a consumer watches; its replica
+    takes over, and every transition decided after the takeover reaches the consumer,
+    in order. (Entries the dead master acknowledged but had not yet replicated may be
+    lost, as any Redis write is in a failover: if the consumer's own last entry is among
+    them, the watch says so with StreamGap; the test accepts that and resumes.)"""
+    with EmbeddedCluster(masters=3, replicas=1, node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS) as c:
+        p = Presence(redis_client(c.url), lease_ttl=None)
+        await p.start()
+        got: list[StreamEntry] = []
+        gaps = 0
+
+        async def consume() -> None:
+            nonlocal gaps
+            after = "0"
+            while True:
+                try:
+                    async for entry in p.watch(after):
+                        got.append(entry)
+                        after = entry.id
+                except StreamGap:
+                    gaps += 1
+                    after = "0"
+
+        task = asyncio.create_task(consume())
+        try:
+            await p.connected("a1", "alice")
+            await wait_for(lambda: len(got) == 1, timeout=10, what="alice's entry")
+            victim = c.node_for_key(STREAM)
+            c.kill(victim)
+            await asyncio.to_thread(c.wait_healthy, FAILOVER_WAIT)
+            assert c.node_for_key(STREAM).port != victim.port
+            before = len(got)
+            users = [f"u{i}" for i in range(5)]
+            for user in users:  # (retried: the client may meet the failover first)
+                await wait_for(_connects(p, user), timeout=FAILOVER_WAIT, interval=0.2)
+            await wait_for(
+                lambda: {e.transition.user for e in got[before:]} >= set(users),
+                timeout=FAILOVER_WAIT,
+                what="the transitions after the failover",
+            )
+            later = dict.fromkeys(e.transition.user for e in got[before:])
+            assert [user for user in later if user != "alice"] == users
+            assert gaps <= 1
+        finally:
+            await stop_tasks([task])
+            await p.close()
+
+
+def _connects(p: Presence, user: str) -> Callable[[], Awaitable[bool]]:
+    async def connect() -> bool:
+        try:
+            await p.connected(f"{user}-1", user)
+        except RedisError:
+            return False
+        return True
+
+    return connect
