@@ -405,3 +405,11 @@ def _connects(p: Presence, user: str) -> Callable[[], Awaitable[bool]]:
         return True
 
     return connect
+
+
+async def test_a_malformed_entry_is_skipped(make_presence: MakePresence, r: Redis) -> None:
+    p = await make_presence()
+    await r.xadd(STREAM, {"user": "mallory", "online": "yes"})  # (no version)
+    await p.connected("a1", "alice")
+    [entry] = await take(p.watch("0"), 1)
+    assert entry.transition.user == "alice"
