@@ -138,9 +138,12 @@ async def friends(
 
 
 def outbox(pending: list[Any]) -> str:
-    """The outbox value of a returned pending, "online|version|decided_ms"."""
+    """The outbox value of a returned pending, "online|version|decided_ms", followed by
+    ";online|version|decided_ms..." of the older transitions it replaced (answered as a
+    last element holding '|')."""
     assert len(pending) >= 3, pending
-    return f"{pending[0]}|{pending[1]}|{pending[2]}"
+    older = pending[-1] if len(pending) > 3 and "|" in str(pending[-1]) else ""
+    return f"{pending[0]}|{pending[1]}|{pending[2]}" + (f";{older}" if older else "")
 
 
 async def tell(run: ScriptRunner, user: str, pending: list[Any]) -> None:
@@ -396,17 +399,21 @@ async def test_a_transition_sets_pending_and_only_its_exact_value_clears_it(
     assert await run("told", [pending], value) == 1
     assert await r.exists(pending) == 0
     assert await run("told", [pending], value) == 0  # nothing left to confirm
-    # A newer transition decided before the older one was confirmed replaces it: the
-    # older teller's confirmation then leaves the newer one in place.
+    # A newer transition decided before the older one was confirmed goes in front of it
+    # (the older one still has to reach the transition stream): the older teller's
+    # confirmation, or one of the newer alone, leaves both in place.
     await disconnect(run, "A", "c1", "t1", now)
     await connect(run, "A", "c1", "t2|o|", now + 1)
-    assert await r.get(pending) == f"1|{now + 2}|{now + 1}"
-    assert await run("told", [pending], f"0|{now + 1}|{now}") == 0
-    assert await r.get(pending) == f"1|{now + 2}|{now + 1}"
+    chained = f"1|{now + 2}|{now + 1};0|{now + 1}|{now}"
+    assert await r.get(pending) == chained
+    for partial in (f"0|{now + 1}|{now}", f"1|{now + 2}|{now + 1}"):
+        assert await run("told", [pending], partial) == 0
+        assert await r.get(pending) == chained
     # Two transitions with the same online and version but decided at different
     # moments are different transitions too (a Redis that lost the keys in between).
-    assert await run("told", [pending], f"1|{now + 2}|{now}") == 0
-    assert await r.get(pending) == f"1|{now + 2}|{now + 1}"
+    assert await run("told", [pending], f"1|{now + 2}|{now};0|{now + 1}|{now}") == 0
+    assert await r.get(pending) == chained
+    assert await run("told", [pending], chained) == 1
 
 
 async def test_a_disconnect_that_removes_nothing_returns_the_pending_transition(
@@ -492,16 +499,18 @@ async def test_a_call_that_decides_a_transition_always_gets_it(
     never = 10**12
     first = await connect(run, "A", "c1", "t1|o|", now, grace=never)
     assert first == [1, 1, now, "", [1, now, now, "B"]]
-    # A newer transition decided while the older is unconfirmed (and young) replaces it
-    # in the outbox, and goes to its own decider.
+    # A newer transition decided while the older is unconfirmed (and young) goes in
+    # front of it in the outbox, and goes to its own decider with the older one after.
     gone = await disconnect(run, "A", "c1", "t1", now + 1, grace=never)
-    assert gone == [1, 1, now + 1, "t1|o|", [0, now + 1, now + 1, "B"]]
-    assert await r.get(pending) == f"0|{now + 1}|{now + 1}"
+    older = f"1|{now}|{now}"
+    assert gone == [1, 1, now + 1, "t1|o|", [0, now + 1, now + 1, "B", older]]
+    assert await r.get(pending) == f"0|{now + 1}|{now + 1};{older}"
     # decided_ms is the decider's now, even below the version (a clock behind), and the
-    # grace counts from it.
+    # grace counts from it (the newest's).
     back = await connect(run, "A", "c1", "t2|o|", now - 5000, grace=never)
-    assert back == [1, 1, now + 2, "", [1, now + 2, now - 5000, "B"]]
-    assert await r.get(pending) == f"1|{now + 2}|{now - 5000}"
+    older = f"0|{now + 1}|{now + 1};{older}"
+    assert back == [1, 1, now + 2, "", [1, now + 2, now - 5000, "B", older]]
+    assert await r.get(pending) == f"1|{now + 2}|{now - 5000};{older}"
     assert await disconnect(run, "A", "zz", "", now - 5000 + GRACE - 1) == [0, 0, now + 2, "", []]
     assert await disconnect(run, "A", "zz", "", now - 5000 + GRACE) == [0, 0, now + 2, "", back[4]]
 
@@ -537,7 +546,7 @@ async def test_settle_returns_an_abandoned_transition_and_changes_nothing(
     assert await settle(run, "A", now + GRACE) == [1, now, now, "B"]
     # An offline transition, decided by a disconnect, the same way.
     gone = await disconnect(run, "A", "c1", "t1", now)
-    assert gone[4] == [0, now + 1, now, "B"]
+    assert gone[4] == [0, now + 1, now, "B", f"1|{now}|{now}"]  # (the online is untold)
     assert await settle(run, "A", now + GRACE - 1) == []
     assert await settle(run, "A", now + GRACE) == gone[4]
     # Confirmed told: nothing left, however old, and still nothing changed.

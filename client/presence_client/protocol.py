@@ -168,6 +168,10 @@ class GoAwayReason(enum.IntEnum):
     STATE_LOST = 2
     """The daemon's store lost its data: connect again (the same server is fine) and
     declare the friend list again."""
+    KICKED = 3
+    """An operator disconnected this client (the session is already gone): do not
+    reconnect automatically. (A client older than this reason treats it as SHUTDOWN and
+    reconnects: a kick is not a ban.)"""
 
 
 class FriendsOp(enum.IntEnum):

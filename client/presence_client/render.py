@@ -48,6 +48,8 @@ def render_event_line(event: Event) -> str:
     """The plain-mode line for one event, e.g. ``friend bob online``."""
     if isinstance(event, FriendEvent):
         return f"friend {event.name} {state_word(event.online)}"
+    if event.status == "kicked":
+        return "disconnected by an operator"
     if event.server is None:
         return event.status
     return f"{event.status} server={format_server(event.server)}"
@@ -103,6 +105,7 @@ _STATUS_STYLES: Final = {
     "connecting": "yellow",
     "reconnecting": "bold yellow",
     "disconnected": "bold red",
+    "kicked": "bold red",
 }
 
 

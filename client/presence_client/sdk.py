@@ -16,7 +16,9 @@ quarter interval apart); when none is answered, when the daemon's port is unreac
 to the next server, with the same client id (a reconnect that arrives before the dead
 daemon is reaped keeps the user online without a flap). After UNKNOWN_SESSION it
 connects again to the same server; after GO_AWAY "state lost" it also declares its
-friend list again (the names it knows, if it keeps the stored list).
+friend list again (the names it knows, if it keeps the stored list). After GO_AWAY
+"kicked" (an operator disconnected this client) it does not reconnect: it closes and
+reports ``StatusEvent("kicked")``.
 
 The friend view is kept exactly right in the end even when datagrams are lost: every
 notification carries a per-session sequence number and every Pong the last one sent;
@@ -114,7 +116,8 @@ class FriendEvent:
 
 @dataclass(frozen=True, slots=True)
 class StatusEvent:
-    """The connection changed: ``connected``, ``reconnecting`` or ``disconnected``."""
+    """The connection changed: ``connected``, ``reconnecting``, ``disconnected`` or
+    ``kicked`` (an operator disconnected this client: it closed and will not reconnect)."""
 
     status: str
     server: Server | None
@@ -241,6 +244,8 @@ class PresenceClient:
         self._overtaken_snapshots: set[int] = set()
         """Snapshot requests whose answer arrived after a friend change of ours."""
         self._closed = False
+        self.kicked = False
+        """True once an operator disconnected this client (GO_AWAY kicked)."""
         self._next_request = secrets.randbelow(MAX_REQUEST_ID)
 
     # -- public API ----------------------------------------------------------------
@@ -279,9 +284,11 @@ class PresenceClient:
         """Connect (retrying with backoff along the server list), then start pinging.
 
         Raises PresenceClientError if the daemon refuses (for example CLIENT_ID_IN_USE)
-        or no server answered within ``connect_attempts`` attempts.
+        or no server answered within ``connect_attempts`` attempts. (After a kick, an
+        explicit connect is allowed: a kick is not a ban.)
         """
         self._closed = False
+        self.kicked = False
         await self._connect_once(self.connect_attempts, declare=True)
         self._ping_task = asyncio.create_task(self._ping_loop())
 
@@ -749,6 +756,9 @@ class PresenceClient:
             self._on_snapshot_part(msg)
         elif type(msg) is GoAway:
             if self.session is not None and msg.session == self.session:
+                if msg.reason == GoAwayReason.KICKED:
+                    self._on_kicked()
+                    return
                 lost = msg.reason == GoAwayReason.STATE_LOST
                 self._redeclare = self._redeclare or lost
                 self._start_reconnect(next_server=not lost)
@@ -767,6 +777,18 @@ class PresenceClient:
             future = self._pending.get(msg.request)
             if future is not None and not future.done():
                 future.set_result(msg)
+
+    def _on_kicked(self) -> None:
+        """An operator disconnected us: close for good (no reconnect, no DISCONNECT:
+        the session is already gone) and say so."""
+        self.kicked = True
+        self._closed = True
+        self.session = None
+        for task in (self._ping_task, self._repair_task, self._reconnect_task, self._check_task):
+            if task is not None:
+                task.cancel()
+        self._close_transport()
+        self._emit(StatusEvent("kicked", None))
 
     def _on_notify(self, msg: Notify) -> None:
         if msg.seq == self.last_seq + 1:

@@ -13,6 +13,8 @@ the connection and the last transitions; otherwise one line per event is printed
 :mod:`presence_client.render`). ``q`` (plus Enter in line mode), Ctrl-C or SIGTERM
 disconnect cleanly and exit 0; ``--duration`` exits by itself. End of stdin does not
 quit. No daemon answering exits 1; a bad command-line value exits 2 with one line.
+An operator disconnecting the client (GO_AWAY kicked) shows "disconnected by an
+operator" and exits 3, without reconnecting.
 
 Before a connection is made, ``q`` quits at once (exit 0, silently), Ctrl-C or SIGTERM
 exit 128 + the signal number (130, 143) and the end of ``--duration`` exits 1, these
@@ -56,11 +58,14 @@ from presence_client.sdk import (
     PresenceClient,
     PresenceClientError,
     Server,
+    StatusEvent,
     TokenSource,
     parse_server,
 )
 
 PROG: Final = "presence-client"
+EXIT_KICKED: Final = 3
+"""Exit code after an operator disconnected the client."""
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 NAME_RULE: Final = (
     f"1-{MAX_NAME_CHARS} letters (any script), digits, '_', '.', '@', '+' or '-'; "
@@ -504,6 +509,8 @@ async def run_client(
     def show(event: Event) -> None:
         if shown:
             display.on_event(event)
+        if isinstance(event, StatusEvent) and event.status == "kicked":
+            stop.set()
 
     client.add_listener(show)
     single_keys = live and source is not None and source.is_tty
@@ -544,6 +551,12 @@ async def run_client(
                     await asyncio.wait({stopping}, timeout=max(0.0, remaining))
             finally:
                 stopping.cancel()
+            if client.kicked:
+                shown = False  # (the "kicked" line said it all)
+                await client.disconnect()  # (closed already: sends nothing)
+                display.close()
+                print(f"{PROG}: disconnected by an operator", file=err, flush=True)
+                return EXIT_KICKED
             try:
                 await client.disconnect()
             except PresenceClientError as exc:

@@ -9,6 +9,8 @@ The library is usable on its own from any asyncio program::
     await presence.connected("laptop-1", "alice", friends=["bob"])
     await presence.query(["alice", "bob"])  # {"alice": True, "bob": False}
     await presence.disconnected("laptop-1")
+    async for entry in presence.watch():  # every transition, from every instance
+        print(entry.id, entry.transition)
 """
 
 from presence_daemon.presence import (
@@ -16,8 +18,18 @@ from presence_daemon.presence import (
     Delivery,
     Presence,
     PresenceError,
+    StreamEntry,
+    StreamGap,
     Transition,
 )
 
-__all__ = ["Connection", "Delivery", "Presence", "PresenceError", "Transition"]
+__all__ = [
+    "Connection",
+    "Delivery",
+    "Presence",
+    "PresenceError",
+    "StreamEntry",
+    "StreamGap",
+    "Transition",
+]
 __version__ = "0.1.0"

@@ -113,6 +113,7 @@ async def serve(
             instance_id=config.pick_instance_id(),
             max_friends=config.max_friends,
             lease_ttl=config.lease_ttl,
+            stream_max_len=config.stream_max_len,
         )
         logs.set_instance(presence.instance_id)
         # Before start(): reaping at start notifies friends.

@@ -117,6 +117,9 @@ class Config:
     """Pending Redis operations per worker before new ones are refused with TRY_AGAIN."""
     max_friends: int = 1000
     """Most friends one user may declare."""
+    stream_max_len: int = 100_000
+    """Entries the transition stream (``presence:transitions``) keeps, about; 0: this
+    daemon appends no transitions to it."""
     auth_hs256_secret_file: str = ""
     """File holding the shared secret (32+ bytes) that login tokens are signed with
     (HS256). With this or ``auth_public_key_file``, every CONNECT needs a valid token."""
@@ -233,6 +236,12 @@ class Config:
         _check(1 <= self.workers <= 4096, "workers", self.workers, "an integer 1-4096")
         _check(1 <= self.queue_size <= 1_000_000, "queue-size", self.queue_size, "1-1000000")
         _check(1 <= self.max_friends <= 100_000, "max-friends", self.max_friends, "1-100000")
+        _check(
+            0 <= self.stream_max_len <= 1_000_000_000,
+            "stream-max-len",
+            self.stream_max_len,
+            "an integer 0-1000000000 (0: no stream)",
+        )
         for name in RATE_FIELDS:
             value = getattr(self, name)
             _check(
@@ -313,6 +322,7 @@ _PARSERS: Final[dict[str, Callable[[str], Any]]] = {
     "workers": int,
     "queue_size": int,
     "max_friends": int,
+    "stream_max_len": int,
     "embedded_redis": _bool,
     "insecure_no_auth": _bool,
     "reuse_port": _bool,
@@ -413,6 +423,7 @@ _FIELD_HELP: Final = {
     "workers": "concurrent Redis operations",
     "queue_size": "pending Redis operations per worker before TRY_AGAIN",
     "max_friends": "most friends one user may declare",
+    "stream_max_len": "transitions the stream presence:transitions keeps, about (0: none)",
     "auth_hs256_secret_file": "file with the 32+ byte secret login tokens are signed with "
     "(HS256); with this or --auth-public-key-file every CONNECT needs a valid token",
     "auth_public_key_file": "file with the PEM public key (RSA: RS256, P-256: ES256, "

@@ -18,7 +18,8 @@ def user_keys(user: str) -> tuple[str, str, str, str, str]:
 
     ``clients`` (hash client id -> "token|owner|address"), ``version`` (string),
     ``friends`` (set: whom the user declared), ``fans`` (set: who declared the user),
-    ``pending`` (string "online|version|decided_ms": a transition not yet confirmed told).
+    ``pending`` (string "online|version|decided_ms": a transition not yet confirmed told,
+    followed by ";online|version|decided_ms" for each older unconfirmed one it replaced).
     """
     tag = f"{PREFIX}:{{{user}}}"
     return (
@@ -36,7 +37,8 @@ def connect_number_key(user: str, client_id: str) -> str:
 
 
 def pending_key(user: str) -> str:
-    """The user's outbox: "online|version|decided_ms" of a transition not yet confirmed told."""
+    """The user's outbox: "online|version|decided_ms" of a transition not yet confirmed told
+    (and ";online|version|decided_ms" of each older unconfirmed one it replaced)."""
     return f"{PREFIX}:{{{user}}}:pending"
 
 
@@ -93,3 +95,9 @@ def owned_member(user: str, client_id: str, token: str) -> str:
 def inbox_channel(instance_id: str) -> str:
     """Pub/sub channel on which a daemon receives notifications for clients it owns."""
     return f"{PREFIX}:owner:{{{instance_id}}}:inbox"
+
+
+TRANSITIONS_STREAM: Final = f"{PREFIX}:transitions"
+"""Capped stream of every transition decided by any daemon or library instance, with
+fields ``user``, ``online`` (0/1), ``version``, ``decided_ms``, ``decided_by`` and
+``retold`` (0/1): see ``Presence.watch``. One key, so one slot on a cluster."""

@@ -41,6 +41,19 @@ decision whose answer was lost, or whose decider died, still reaches every frien
 Versions make a repeat harmless, and versions never fall below the wall clock (in ms),
 so they keep growing even across a Redis that restarted empty.
 
+A transition decided while an older one is still unconfirmed goes in front of it in the
+outbox ("new;old"): friends need only the newest, but each older one still has to
+reach the transition stream, and the teller of the newest appends them first.
+
+The transition stream: before a teller confirms a transition told, it appends it to one
+capped Redis Stream (``keys.TRANSITIONS_STREAM``, ``XADD MAXLEN ~``), in the same
+pipeline as its first fan-out read. Only once that append succeeded is ``told.lua``
+run, so a transition whose teller died or lost Redis stays in the outbox and is
+appended when it is told again: every transition reaches the stream at least once
+(repeats carry the same user and version). :meth:`Presence.watch` reads it, resumable
+by entry id, and raises :class:`StreamGap` rather than skip entries the cap trimmed or
+a Redis restart lost.
+
 Fencing: an owner's lease is renewed by ``lease.lua``, which never re-creates a lapsed
 lease and answers with the moment (on Redis's clock) the lease runs out. Every connect
 carries that moment; ``connect.lua`` refuses to write once it has passed. So a write
@@ -59,8 +72,8 @@ import logging
 import re
 import secrets
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -118,6 +131,15 @@ FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
 """Seconds before each background retry of a fan-out that hit a Redis error; the last
 one repeats until Redis answers or the instance closes."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
+DEFAULT_STREAM_MAX_LEN: Final = 100_000
+"""Entries the transition stream keeps, about (trimmed with ``MAXLEN ~``); 0: no stream."""
+WATCH_BLOCK: Final = 0.25
+"""Seconds one blocking read of the transition stream waits for a new entry (kept well
+under the Redis client's timeout)."""
+WATCH_PAGE: Final = 500
+"""Stream entries read per round trip by :meth:`Presence.watch`."""
+WATCH_REMEMBERED: Final = 10_000
+"""(user, version) pairs :meth:`Presence.watch` remembers to drop repeats."""
 OUTBOX_GRACE: Final = 2.0
 """Seconds an unconfirmed transition is left to the call that decided it; older, any
 call that touches the user tells it again (its decider lost the answer, or died)."""
@@ -180,6 +202,21 @@ def _refusal(status: int, client_id: str, previous: Any) -> PresenceError:
     return PresenceError(ErrorCode.TRY_AGAIN, "this owner's lease ran out")
 
 
+class StreamGap(Exception):
+    """Entries of the transition stream after ``after`` are gone: the cap trimmed past
+    it (the consumer fell too far behind) or the stream was lost (Redis restarted
+    empty). Transitions may have been missed: read current state again (``query``),
+    then watch again from ``"0"`` (the oldest entry kept) or from now (None)."""
+
+    def __init__(self, after: str) -> None:
+        super().__init__(
+            f"transition stream entries after {after} are gone (trimmed by the cap, or "
+            "the stream was lost): transitions may have been missed"
+        )
+        self.after = after
+        """The last entry id the consumer had."""
+
+
 class InstanceIdInUse(RuntimeError):
     """Another live process holds this instance id's lease."""
 
@@ -225,6 +262,32 @@ class Transition:
     """True for offline->online, False for online->offline."""
     version: int
     """The user's state version after the change."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One entry of the transition stream (see :meth:`Presence.watch`)."""
+
+    id: str
+    """The stream entry id ("ms-seq"): pass it as ``after`` to resume after it."""
+    transition: Transition
+    """What changed. A transition told twice (its first teller died before it
+    confirmed) is in the stream twice, with the same (user, version): key on that."""
+    decided_ms: int
+    """When it was decided, in ms since the epoch (Redis's clock)."""
+    decided_by: str
+    """Instance id of the daemon or library instance that decided it, or, if
+    ``retold``, of the one that told it again (the decider is not recorded)."""
+    retold: bool
+    """True if told again by a call that found it unconfirmed in the outbox."""
+
+
+@dataclass(slots=True)
+class _Record:
+    """The stream appends of one telling (done at most once per telling)."""
+
+    commands: list[tuple[str | int, ...]]
+    done: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +360,9 @@ class Replaced:
     """The client that connected again elsewhere."""
     token: str
     """The session (hex) that ended: its holder should forget it."""
+    kicked: bool = False
+    """True if an operator removed the session (:meth:`Presence.kick`): its holder
+    tells the client GO_AWAY (kicked)."""
 
 
 def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
@@ -315,8 +381,14 @@ def parse_inbox(data: str | bytes) -> tuple[list[Delivery], list[Replaced]]:
                 client_id, token = item
                 replaced.append(Replaced(check_name(client_id, "client id"), _inbox_token(token)))
                 continue
-            if len(item) == 3:  # [client id, token, 0]: the user's list changed
+            if len(item) == 3 and item[2] == "kick":  # [client id, token, "kick"]
                 c, t, _ = item
+                replaced.append(Replaced(check_name(c, "client id"), _inbox_token(t), True))
+                continue
+            if len(item) == 3:  # [client id, token, 0]: the user's list changed
+                c, t, zero = item
+                if type(zero) is not int or zero != 0:
+                    raise ValueError(f"bad item {item!r}")
                 deliveries.append(Delivery("", check_name(c, "client id"), _inbox_token(t), None))
                 continue
             c, t, n, o, v = item
@@ -352,6 +424,39 @@ def _inbox_token(value: object) -> str:
     return value
 
 
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and a library call swallowed it
+    (redis-py's cluster client can, on Python 3.11): a watch stops when cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+_STREAM_ID_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+def _stream_entry(entry_id: str, raw: Any) -> StreamEntry | None:
+    """A transition stream entry from its flat field list (None if malformed)."""
+    try:
+        fields = {_text(k): _text(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
+        transition = Transition(fields["user"], fields["online"] == "1", int(fields["version"]))
+        return StreamEntry(
+            entry_id,
+            transition,
+            int(fields["decided_ms"]),
+            fields.get("decided_by", ""),
+            fields.get("retold", "0") == "1",
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _outbox_part(part: str) -> tuple[bool, int, int]:
+    """(online, version, decided_ms) of one "online|version|decided_ms" outbox part."""
+    online, version, since = part.split("|", 2)
+    return online == "1", int(version), int(since)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -376,7 +481,9 @@ class Presence:
     :func:`parse_inbox`. ``clock`` (wall-clock seconds) dates client-id bindings (see
     ``stale_binding_after``) and seeds versions. ``on_lease_lost(state_lost)`` is
     awaited when the lease was found lapsed (``state_lost``: Redis forgot this owner
-    altogether, so friend lists may be gone too). Call :meth:`start` once before use.
+    altogether, so friend lists may be gone too). ``stream_max_len`` caps the transition
+    stream (see :meth:`watch`; 0: this instance appends nothing). Call :meth:`start`
+    once before use.
 
     Calls for one client id take effect in the order they were made (each waits for
     the one before it); calls for different client ids run concurrently.
@@ -393,7 +500,10 @@ class Presence:
         lease_ttl: float | None = DEFAULT_LEASE_TTL,
         on_lease_lost: Callable[[bool], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
+        stream_max_len: int = DEFAULT_STREAM_MAX_LEN,
     ) -> None:
+        if stream_max_len < 0:
+            raise ValueError("stream_max_len is 0 (no stream) or more")
         self.redis = redis
         self.io = Batcher(redis)
         self._publish = publish_verb(redis)
@@ -407,6 +517,8 @@ class Presence:
         self.lease_ttl = lease_ttl
         self.on_lease_lost = on_lease_lost
         self.clock = clock
+        self.stream_max_len = stream_max_len
+        """Entries the transition stream keeps, about; 0: transitions are not appended."""
         self._clock_offset = 0.0
         self.scripts = Scripts()
         self.fan_out_failures = 0
@@ -791,6 +903,77 @@ class Presence:
         finally:
             unsubscribe()
 
+    async def watch(
+        self, after: str | None = None, *, block: float = WATCH_BLOCK
+    ) -> AsyncGenerator[StreamEntry, None]:
+        """Iterate over the transition stream: every transition decided by any daemon or
+        library instance on this Redis, in the order they were appended, forever.
+
+        ``after``: None for the entries appended from now on, ``"0"`` for every entry
+        the stream still keeps, or the ``id`` of the last :class:`StreamEntry` a
+        consumer had, to resume after it with nothing lost (within the cap).
+
+        A transition is appended before it is confirmed told, so none is lost, but one
+        whose first teller died is appended again when it is told again: such repeats
+        carry the same (user, version), and the ones within the last
+        ``WATCH_REMEMBERED`` transitions seen are dropped here. Consumers that resume
+        should key on (user, version) too.
+
+        Raises :class:`StreamGap` if entries after the one the consumer had are gone
+        (the cap trimmed past it, or Redis lost the stream): read the state again and
+        watch afresh. Raises ValueError for a malformed ``after``. While Redis is
+        unreachable it retries (a cluster failover included); each blocking read waits
+        at most ``block`` seconds, on a connection of the client's pool. It ends when
+        this instance is closed.
+        """
+        stream = keys.TRANSITIONS_STREAM
+        if after is None:
+            last = await self.redis.execute_command("XREVRANGE", stream, "+", "-", "COUNT", 1)
+            cursor = _text(last[0][0]) if last else "0-0"
+        elif after in ("0", "0-0"):
+            cursor = "0-0"
+        elif _STREAM_ID_RE.fullmatch(after):
+            cursor = after
+        else:
+            raise ValueError(f"a stream entry id is 'MS-SEQ' (or '0'): {after!r}")
+        seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        failures = 0
+        while not self._closing:
+            try:
+                kept, page = await self.scripts.call(
+                    self.redis, "stream", [stream], [cursor, WATCH_PAGE]
+                )
+                if not kept:
+                    raise StreamGap(cursor)
+                if not page:
+                    # Wait for a newer entry; the script reads it (and checks again).
+                    await self.redis.execute_command(
+                        "XREAD", "COUNT", 1, "BLOCK", max(1, round(block * 1000)),
+                        "STREAMS", stream, cursor,
+                    )  # fmt: skip
+                failures = 0
+            except UNAVAILABLE as exc:
+                _raise_if_cancelled()
+                if failures % 10 == 0:
+                    log.warning("reading the transition stream: %s (retrying)", exc)
+                await asyncio.sleep(FAN_OUT_RETRY_DELAYS[min(failures, 4)])
+                failures += 1
+                continue
+            _raise_if_cancelled()
+            for raw_id, raw_fields in page:
+                cursor = _text(raw_id)
+                entry = _stream_entry(cursor, raw_fields)
+                if entry is None:
+                    log.warning("skipped a malformed transition stream entry %s", cursor)
+                    continue
+                pair = (entry.transition.user, entry.transition.version)
+                if pair in seen:
+                    continue
+                seen[pair] = None
+                if len(seen) > WATCH_REMEMBERED:
+                    seen.popitem(last=False)
+                yield entry
+
     def _emit(self, transition: Transition) -> None:
         for listener in list(self._listeners):
             try:
@@ -1074,6 +1257,36 @@ class Presence:
                 user = bound_user
             return await self._disconnect(client_id, user, token)
 
+    async def kick(self, client_id: str) -> bool:
+        """Disconnect ``client_id`` as an operator; True if it was connected.
+
+        The session is removed like any disconnect (guarded by its token; if it was the
+        user's last client, the offline transition is decided and told), then its owner
+        is told through its inbox: a daemon sends the client GO_AWAY (kicked), which
+        tells a current client not to reconnect. Telling the owner is best effort
+        (pub/sub): if that message is lost, the daemon still finds the session gone
+        from Redis soon and forgets it; the client, asked to connect again, may do so.
+        A kick is not a ban: the client may connect again later.
+        """
+        check_name(client_id, "client id")
+        async with self._in_order(client_id):
+            bound = await self.redis.get(keys.client_key(client_id))
+            if bound is None:
+                return False
+            user = _text(bound).split("|", 1)[0]
+            entry = await self.redis.hget(keys.clients_key(user), client_id)
+            if entry is None:
+                return False
+            token, owner, _ = _entry(entry)
+            if not await self._disconnect(client_id, user, token):
+                return False
+        message = json.dumps([[client_id, token, "kick"]], separators=(",", ":"))
+        try:
+            await self.io.execute_command(self._publish, keys.inbox_channel(owner), message)
+        except (RedisError, OSError) as exc:
+            log.warning("kicked %s but could not tell its owner %s: %s", client_id, owner, exc)
+        return True
+
     async def _disconnect(self, client_id: str, user: str, token: str | None) -> bool:
         try:
             removed, went_offline, _, entry, pending = await self.scripts.call(
@@ -1112,23 +1325,60 @@ class Presence:
     ) -> None:
         """Tell a transition from the user's outbox to every mutual friend, then confirm.
 
-        ``pending`` is a script's ``{online, version, mutual...}`` (empty: nothing to
-        tell); ``decided`` says this call decided it (else it is told again, having
-        been decided earlier by a call that did not confirm it). ``routes`` holds the
-        clients of some friends, read after the decision (those need no second read).
+        ``pending`` is a script's ``{online, version, decided_ms, mutual...[, older]}``
+        (empty: nothing to tell); ``decided`` says this call decided it (else it is told
+        again, having been decided earlier by a call that did not confirm it). ``older``
+        ("online|version|decided_ms;...", newest first) lists unconfirmed transitions it
+        replaced: friends need only the newest, the transition stream gets them all.
+        ``routes`` holds the clients of some friends, read after the decision (those
+        need no second read).
         """
         if not pending:
             return
         online, version, since = bool(pending[0]), int(pending[1]), int(pending[2])
+        names = [_text(name) for name in pending[3:]]
+        older = names.pop() if names and "|" in names[-1] else ""
         if decided:
             self._emit(Transition(user, online, version))
         else:
             self.retold += 1
         state = FriendState(user, online, version)
+        told = f"{int(online)}|{version}|{since}" + (f";{older}" if older else "")
+        appends = [
+            self._xadd(user, *_outbox_part(part), retold=True)
+            for part in reversed(older.split(";") if older else [])
+        ]
+        appends.append(self._xadd(user, online, version, since, retold=not decided))
         await self._fan_out(
-            [(_text(name), state) for name in pending[3:]],
-            confirm=("told", [keys.pending_key(user)], [f"{int(online)}|{version}|{since}"]),
+            [(name, state) for name in names],
+            confirm=("told", [keys.pending_key(user)], [told]),
             routes=routes,
+            record=_Record(appends) if self.stream_max_len else None,
+        )
+
+    def _xadd(
+        self, user: str, online: bool, version: int, since: int, *, retold: bool
+    ) -> tuple[str | int, ...]:
+        """The command that appends one transition to the transition stream."""
+        return (
+            "XADD",
+            keys.TRANSITIONS_STREAM,
+            "MAXLEN",
+            "~",
+            self.stream_max_len,
+            "*",
+            "user",
+            user,
+            "online",
+            int(online),
+            "version",
+            version,
+            "decided_ms",
+            since,
+            "decided_by",
+            self.instance_id,
+            "retold",
+            int(retold),
         )
 
     def _settle_later(self, user: str) -> None:
@@ -1164,9 +1414,13 @@ class Presence:
         confirm: Call | None = None,
         origin: str | None = None,
         routes: dict[str, Any] | None = None,
+        record: _Record | None = None,
     ) -> None:
-        """Deliver a decided change to every client of each target user; then run the
-        ``confirm`` script call, which empties the outbox entry that recorded it.
+        """Deliver a decided change to every client of each target user (and append
+        the ``record`` to the transition stream, in the same pipeline as the first
+        read); then run the ``confirm`` script call, which empties the outbox entry
+        that recorded it. The confirm waits for the append: a change is never
+        confirmed told before it is in the stream.
 
         The decision is already made in Redis, so a failure here must not undo or
         fail the call: it is retried in the background until it succeeds. (Deliveries
@@ -1174,11 +1428,11 @@ class Presence:
         told again by the next call that touches the user.)
         """
         try:
-            await self._deliver_and_confirm(targets, confirm, origin, routes)
+            await self._deliver_and_confirm(targets, confirm, origin, routes, record)
         except (RedisError, OSError) as exc:
             self.fan_out_failures += 1
             log.warning("fan-out failed (%s); retrying in the background", exc)
-            self._background(self._fan_out_retry(targets, confirm, origin))
+            self._background(self._fan_out_retry(targets, confirm, origin, record))
 
     async def _deliver_and_confirm(
         self,
@@ -1186,28 +1440,48 @@ class Presence:
         confirm: Call | None,
         origin: str | None,
         routes: dict[str, Any] | None = None,
+        record: _Record | None = None,
     ) -> None:
-        if targets:
-            deliveries = await self._deliveries(targets, routes or {})
-            # The client that made a list change knows it: no snapshot for it.
-            await self.deliver(
-                [d for d in deliveries if d.friend is not None or d.client_id != origin]
-            )
+        # Started in the same tick, the append leaves in the same pipeline as the
+        # deliveries' reads (see batch.py): no round trip of its own.
+        appended = self._append(record)
+        try:
+            if targets:
+                deliveries = await self._deliveries(targets, routes or {})
+                # The client that made a list change knows it: no snapshot for it.
+                await self.deliver(
+                    [d for d in deliveries if d.friend is not None or d.client_id != origin]
+                )
+        finally:
+            await appended  # (its failure, if any, is raised; a retry appends again)
         if confirm is not None:
             await self.scripts.call(self.io, *confirm)
+
+    def _append(self, record: _Record | None) -> asyncio.Future[None]:
+        """Start appending ``record`` to the transition stream (unless done already)."""
+
+        async def append() -> None:
+            if record is not None and not record.done:
+                for result in await self.io.execute_many(record.commands):
+                    if isinstance(result, Exception):
+                        raise result
+                record.done = True
+
+        return asyncio.ensure_future(append())
 
     async def _fan_out_retry(
         self,
         targets: list[tuple[str, FriendState | None]],
         confirm: Call | None,
         origin: str | None,
+        record: _Record | None = None,
     ) -> None:
         attempt = 0
         while True:
             await asyncio.sleep(FAN_OUT_RETRY_DELAYS[min(attempt, len(FAN_OUT_RETRY_DELAYS) - 1)])
             attempt += 1
             try:
-                await self._deliver_and_confirm(targets, confirm, origin)
+                await self._deliver_and_confirm(targets, confirm, origin, record=record)
                 return
             except (RedisError, OSError):
                 self.fan_out_failures += 1

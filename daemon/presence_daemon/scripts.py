@@ -40,6 +40,7 @@ SCRIPT_NAMES: Final = (
     "settle",
     "synced",
     "lease",
+    "stream",
 )
 
 Call = tuple[str, Sequence[str], Sequence[str | int]]

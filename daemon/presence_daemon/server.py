@@ -1284,9 +1284,15 @@ class Server:
             self._forget_replaced(r)
 
     def _forget_replaced(self, replaced: Replaced) -> None:
-        """The client connected again through another daemon: forget this session (a
-        disconnect or removal of it in flight finds nothing, as its token is guarded)."""
+        """The client connected again through another daemon, or an operator kicked it
+        (then it is told GO_AWAY kicked): forget this session (a disconnect or removal
+        of it in flight finds nothing, as its token is guarded)."""
         session = self.by_client.get(replaced.client_id)
         if session is not None and session.token_hex == replaced.token:
-            self.counters["sessions_replaced_elsewhere"] += 1
+            if replaced.kicked:
+                self.counters["sessions_kicked"] += 1
+                self._reply(GoAway(session.token, GoAwayReason.KICKED), session.address)
+                self.counters["go_away_sent"] += 1
+            else:
+                self.counters["sessions_replaced_elsewhere"] += 1
             self._drop(session)

@@ -36,9 +36,12 @@
 --   went_online  1 if this call made the user go from no clients to one, else 0
 --   version      the user's state version after the call
 --   previous     the entry this call replaced (same client id, older session), or ''
---   pending      {} or {online, version, decided_ms, mutual friend...}: the transition to
+--   pending      {} or {online, version, decided_ms, mutual friend...[, older]}: the transition to
 --                tell, this call's own, or one an earlier call decided at least ARGV[6] ms
---                ago and did not confirm told (KEYS[5] holds "online|version|decided_ms")
+--                ago and did not confirm told (KEYS[5] holds "online|version|decided_ms",
+--                followed by ";online|version|decided_ms" for each older unconfirmed
+--                transition it replaced: those are answered as one last element
+--                "online|version|decided_ms;..." that, unlike a name, holds '|')
 --
 -- The fence is the one place a script reads the clock: it must be the clock of the server
 -- that applies the write, at the moment it applies it (a write delayed in a socket or a
@@ -77,6 +80,15 @@ end
 if number > 0 then
   redis.call('SET', KEYS[6], ARGV[7], 'PX', 86400000)
 end
+-- An unconfirmed transition this decision replaces is kept after it ("new;old...", at
+-- most ~400 bytes) until the whole value is confirmed: its teller may have died before
+-- appending it to the transition stream, and whoever tells the new one appends it.
+local function outbox(head, old)
+  if not old then return head end
+  local value = head .. ';' .. old
+  if #value > 400 then value = string.match(string.sub(value, 1, 400), '^(.*);') end
+  return value
+end
 local before = redis.call('HLEN', KEYS[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local went_online = 0
@@ -89,18 +101,20 @@ else
   version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
   if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
   redis.call('SET', KEYS[2], version)
-  redis.call('SET', KEYS[5], '1|' .. version .. '|' .. ARGV[3])
+  redis.call('SET', KEYS[5], outbox('1|' .. version .. '|' .. ARGV[3], redis.call('GET', KEYS[5])))
 end
 local pending = {}
 local told = redis.call('GET', KEYS[5])
 if told then
   local online, at = string.match(told, '^(%d)|(%d+)')
-  local since = string.match(told, '^%d|%d+|(%d+)$') or '0'  -- (no time: long abandoned)
+  local since = string.match(told, '^%d|%d+|(%d+)') or '0'  -- (no time: long abandoned)
   if decided == 1 or tonumber(ARGV[3]) - tonumber(since) >= tonumber(ARGV[6]) then
     pending = {tonumber(online), tonumber(at), tonumber(since)}
     for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
       pending[#pending + 1] = name
     end
+    local older = string.match(told, '^[^;]*;(.+)$')
+    if older then pending[#pending + 1] = older end
   end
 end
 if ARGV[9] == '1' then

@@ -19,8 +19,15 @@
 --   version       the user's state version after the call
 --   entry         the removed entry "token|owner|address", or '' if nothing was removed
 --                 (without a token the caller learns here which session it ended)
---   pending       {} or {online, version, decided_ms, mutual friend...}: as connect.lua
+--   pending       {} or {online, version, decided_ms, mutual friend...[, older]}: as connect.lua
 --                 (so a retried disconnect whose first try's answer was lost still tells)
+-- An unconfirmed transition this decision replaces is kept after it (see connect.lua).
+local function outbox(head, old)
+  if not old then return head end
+  local value = head .. ';' .. old
+  if #value > 400 then value = string.match(string.sub(value, 1, 400), '^(.*);') end
+  return value
+end
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 local guard = ARGV[2]
 local removed, went_offline, decided = 0, 0, 0
@@ -33,7 +40,7 @@ if entry and (guard == '' or string.sub(entry, 1, #guard + 1) == guard .. '|') t
     local version = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
     if tonumber(ARGV[3]) > version then version = tonumber(ARGV[3]) end
     redis.call('SET', KEYS[2], version)
-    redis.call('SET', KEYS[5], '0|' .. version .. '|' .. ARGV[3])
+    redis.call('SET', KEYS[5], outbox('0|' .. version .. '|' .. ARGV[3], redis.call('GET', KEYS[5])))
   end
 else
   entry = ''
@@ -42,12 +49,14 @@ local pending = {}
 local told = redis.call('GET', KEYS[5])
 if told then
   local online, at = string.match(told, '^(%d)|(%d+)')
-  local since = string.match(told, '^%d|%d+|(%d+)$') or '0'  -- (no time: long abandoned)
+  local since = string.match(told, '^%d|%d+|(%d+)') or '0'  -- (no time: long abandoned)
   if decided == 1 or tonumber(ARGV[3]) - tonumber(since) >= tonumber(ARGV[4]) then
     pending = {tonumber(online), tonumber(at), tonumber(since)}
     for _, name in ipairs(redis.call('SINTER', KEYS[3], KEYS[4])) do
       pending[#pending + 1] = name
     end
+    local older = string.match(told, '^[^;]*;(.+)$')
+    if older then pending[#pending + 1] = older end
   end
 end
 return {removed, went_offline, tonumber(redis.call('GET', KEYS[2]) or '0'), entry, pending}
