@@ -26,6 +26,7 @@ import redis
 from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_env, daemon_factory_fixture  # noqa: F401
 from helpers import Watched, wait_for
 from presence_client.sdk import PresenceClient
+from presence_daemon import keys
 from presence_daemon.admin import Context, Cursor, online_page
 from presence_daemon.embedded import EmbeddedCluster, find_redis_server
 from presence_daemon.presence import Presence
@@ -374,6 +375,110 @@ async def test_set_friends_tells_a_connected_friend_as_a_client_change_would(
     assert (await admin("--json", "friends", "bob", url=redis_url)).json()["fans"] == []
 
 
+async def _last_stream_id(url: str) -> str:
+    """The id of the transition stream's newest entry ("0" if there is none)."""
+    presence = Presence.from_url(url, lease_ttl=None)
+    try:
+        last = await presence.redis.execute_command(
+            "XREVRANGE", keys.TRANSITIONS_STREAM, "+", "-", "COUNT", 1
+        )
+    finally:
+        await presence.close()
+    return str(last[0][0]) if last else "0"
+
+
+@pytest.mark.backends
+async def test_watch_prints_transitions_and_resumes_after_an_id(
+    redis_url: str, daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    first, second = daemon_factory(), daemon_factory()
+    before = await _last_stream_id(redis_url)
+    alice = await clients.connect("alice", ["bob"], first)
+    bob = await clients.connect("bob", ["alice"], second)
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob")
+    await asyncio.wait_for(bob.client.disconnect(), 10)
+    await asyncio.wait_for(alice.client.disconnect(), 10)
+    clients.all.clear()
+
+    ran = await admin("--json", "watch", "--after", before, "--limit", "4", url=redis_url)
+    assert ran.returncode == 0, ran.stderr
+    entries = [json.loads(line) for line in ran.stdout.splitlines()]
+    assert [(e["user"], e["online"]) for e in entries] == [
+        ("alice", True),
+        ("bob", True),
+        ("bob", False),
+        ("alice", False),
+    ]
+    assert {e["decided_by"] for e in entries} == {first.instance_id, second.instance_id}
+    # A consumer that stopped after the first entry resumes with nothing lost.
+    resumed = await admin(
+        "--json", "watch", "--after", entries[0]["id"], "--limit", "3", url=redis_url
+    )
+    assert [json.loads(line) for line in resumed.stdout.splitlines()] == entries[1:]
+    # The table form: one line per transition, naming the user, the state and the id.
+    table = await admin("watch", "--after", before, "--limit", "4", url=redis_url)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert len(lines) == 4
+    assert "  alice  online  by " in lines[0]
+    assert lines[0].endswith(f"id {entries[0]['id']}")
+
+
+async def test_watch_without_after_shows_only_what_happens_from_now(
+    redis_url: str, daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    daemon = daemon_factory()
+    await clients.connect("early", [], daemon)  # in the stream before the watch starts
+    watching = asyncio.create_task(admin("watch", "--limit", "1", url=redis_url))
+    # The watch starts at some point we cannot see: keep making transitions until it
+    # prints one; whatever it prints first must be one of these, never the earlier one.
+    probes = 0
+    while not watching.done():
+        assert probes < 200, "watch printed nothing"
+        probe = await clients.connect(f"probe{probes}", [], daemon)
+        await asyncio.wait_for(probe.client.disconnect(), 10)
+        clients.all.remove(probe.client)
+        probes += 1
+        await asyncio.wait([watching], timeout=0.05)
+    ran = await watching
+    assert ran.returncode == 0, ran.stderr
+    assert "  probe" in ran.stdout and "early" not in ran.stdout
+
+
+async def test_watch_after_a_trimmed_id_says_so(
+    redis_url: str, daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    daemon = daemon_factory()
+    await clients.connect("alice", [], daemon)
+    last = await _last_stream_id(redis_url)
+    assert last != "0"
+    redis.Redis.from_url(redis_url).xtrim(keys.TRANSITIONS_STREAM, maxlen=0)
+    ran = await admin("watch", "--after", last, url=redis_url)
+    assert ran.returncode == 1
+    line = ran.error_line()
+    assert last in line and "--after 0" in line
+
+
+@pytest.mark.backends
+async def test_kick_disconnects_a_client_and_its_friend_is_told(
+    redis_url: str, daemon_factory: DaemonFactory, clients: Clients
+) -> None:
+    daemon = daemon_factory()
+    bob = await clients.connect("bob", ["alice"], daemon, client_id="bobs-phone")
+    alice = await clients.connect("alice", ["bob"], daemon)
+    await wait_for(lambda: alice.friends["bob"], what="alice sees bob online")
+
+    kicked = await admin("kick", "bobs-phone", url=redis_url)
+    assert kicked.returncode == 0, kicked.stderr
+    assert kicked.stdout.strip() == "kicked bobs-phone"
+    await wait_for(lambda: "kicked" in bob.statuses(), what="bob's client is told it was kicked")
+    await wait_for(lambda: not alice.friends["bob"], what="alice sees bob offline")
+    assert await statuses(redis_url, "bob") == {"bob": False}
+    again = (await admin("--json", "kick", "bobs-phone", url=redis_url)).json()
+    assert again == {"client": "bobs-phone", "kicked": False}
+    clients.all.remove(bob.client)
+
+
 # ---------------------------------------------------------------------------
 # Bad input and unreachable Redis: one line, no traceback.
 
@@ -392,6 +497,9 @@ async def test_set_friends_tells_a_connected_friend_as_a_client_change_would(
         (["online", "--list", "--limit", "0"], "'0'"),
         (["set-friends", "alice", "a", "b", "c", "--max-friends", "2"], "--max-friends 2"),
         (["online", "--count", "--cursor", "x"], "--cursor"),
+        (["watch", "--after", "yesterday"], "'yesterday'"),
+        (["watch", "--limit", "0"], "'0'"),
+        (["kick", "bad client"], "'bad client'"),
     ],
 )
 async def test_bad_arguments_are_one_line_exit_2(args: list[str], bad: str) -> None:

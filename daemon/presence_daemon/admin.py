@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -47,7 +48,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from presence_client.protocol import ProtocolError, check_name, is_valid_name
 from presence_daemon import keys
 from presence_daemon.config import Config, package_version, safe_url
-from presence_daemon.presence import DEFAULT_MAX_FRIENDS, Presence, PresenceError, redis_client
+from presence_daemon.presence import (
+    DEFAULT_MAX_FRIENDS,
+    Presence,
+    PresenceError,
+    StreamGap,
+    redis_client,
+)
 from presence_daemon.store import (
     CLUSTER_SCHEMES,
     ClusterURLError,
@@ -565,6 +572,104 @@ async def set_friends(ctx: Context, args: argparse.Namespace) -> Result:
     return Result({"user": user, "friends": now}, text)
 
 
+def _watch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--after",
+        metavar="ID",
+        default=None,
+        help="resume after this entry id (as printed); '0' starts from the oldest entry "
+        "kept; default: only transitions from now on",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_positive(10_000_000),
+        default=None,
+        metavar="N",
+        help="stop after N transitions (default: run until interrupted)",
+    )
+
+
+def _watch_check(args: argparse.Namespace) -> None:
+    after = args.after
+    if after is not None and after != "0" and not re.fullmatch(r"\d+-\d+", after):
+        raise UsageError(
+            f"watch: --after: invalid value {after!r} (expected an entry id MS-SEQ, or 0)"
+        )
+
+
+@subcommand(
+    "watch",
+    "print transitions as they happen, from every daemon (resumable with --after ID)",
+    _watch_arguments,
+    _watch_check,
+)
+async def watch(ctx: Context, args: argparse.Namespace) -> Result:
+    """One line per transition (``--json``: one JSON object per line), flushed as it
+    comes; ends after ``--limit`` entries, or on Ctrl-C."""
+    presence = Presence(ctx.redis, lease_ttl=None)
+    shown = 0
+    try:
+        async for entry in presence.watch(after=args.after):
+            t = entry.transition
+            if args.json:
+                line = json.dumps(
+                    {
+                        "id": entry.id,
+                        "user": t.user,
+                        "online": t.online,
+                        "version": t.version,
+                        "decided_ms": entry.decided_ms,
+                        "decided_by": entry.decided_by,
+                        "retold": entry.retold,
+                    },
+                    ensure_ascii=False,
+                )
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(entry.decided_ms / 1000))
+                state = "online" if t.online else "offline"
+                again = "  (told again)" if entry.retold else ""
+                line = (
+                    f"{when}.{entry.decided_ms % 1000:03d}  {t.user}  {state}  "
+                    f"by {entry.decided_by}  id {entry.id}{again}"
+                )
+            print(line, flush=True)
+            shown += 1
+            if args.limit is not None and shown >= args.limit:
+                break
+    except StreamGap as exc:
+        raise StreamLost(
+            f"{exc}; watch again with --after 0 (the oldest kept) or without --after"
+        ) from None
+    finally:
+        await presence.close()
+    return Result(None, "")
+
+
+class StreamLost(Exception):
+    """The entries after ``--after`` are gone (exit 1, one line)."""
+
+
+def _client_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("client", type=name_type("client id"), metavar="CLIENT", help="a client id")
+
+
+@subcommand(
+    "kick",
+    "disconnect a client (friends are told if it was its user's last; the client is "
+    "asked not to reconnect)",
+    _client_argument,
+)
+async def kick(ctx: Context, args: argparse.Namespace) -> Result:
+    presence = Presence(ctx.redis, lease_ttl=None)
+    try:
+        await presence.start()
+        kicked = await presence.kick(args.client)
+    finally:
+        await presence.close()
+    text = f"kicked {args.client}" if kicked else f"{args.client} is not connected"
+    return Result({"client": args.client, "kicked": kicked}, text)
+
+
 # ---------------------------------------------------------------------------
 # The command line.
 
@@ -685,11 +790,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), 2)
     except AuthenticationError:
         return _fail(_credentials_refused(url), 1)
+    except BrokenPipeError:  # (watch | head): the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (Unreachable, RedisConnectionError, RedisTimeoutError, OSError) as exc:
         return _fail(f"cannot reach Redis at {safe_url(url)}: {_one_line(exc)}", 1)
     except RedisError as exc:
         return _fail(f"Redis at {safe_url(url)} failed: {_one_line(exc)}", 1)
-    except PresenceError as exc:  # refused by the library (the message says why)
+    except (PresenceError, StreamLost) as exc:  # the message says why
         return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130
