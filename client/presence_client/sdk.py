@@ -368,8 +368,26 @@ class PresenceClient:
         request = self._new_request()
         self._snapshot_parts[request] = {}
         self._snapshot_list_changes[request] = self._list_changes
+
+        def renewed(old: int, new: int) -> None:
+            # A resend takes a new r (protocol.md, "Resending"): parts of the old
+            # answer that arrive late are ignored, never mixed with the new one's.
+            nonlocal request
+            request = new
+            self._snapshot_parts.pop(old, None)
+            self._snapshot_parts[new] = {}
+            self._snapshot_list_changes[new] = self._snapshot_list_changes.pop(
+                old, self._list_changes
+            )
+            self._overtaken_snapshots.discard(old)
+
         try:
-            await self._request(lambda r: SnapshotRequest(r, session), (Snapshot,), request=request)
+            await self._request(
+                lambda r: SnapshotRequest(r, session),
+                (Snapshot,),
+                request=request,
+                renewed=renewed,
+            )
             return request not in self._overtaken_snapshots
         finally:
             self._snapshot_parts.pop(request, None)
@@ -397,15 +415,26 @@ class PresenceClient:
         pad: bool = False,
         extra: Sequence[Message] = (),
         ok_codes: set[ErrorCode] | None = None,
+        renewed: Callable[[int, int], None] | None = None,
     ) -> AnyMessage:
-        """Send ``build(request_id)`` (and ``extra`` parts) until an answer arrives."""
+        """Send ``build(request_id)`` (and ``extra`` parts) until an answer arrives.
+
+        Each resend carries the same request id, unless ``renewed`` is given: then each
+        resend takes a new one, and ``renewed(old, new)`` is called before it is sent.
+        """
         request = self._new_request() if request is None else request
         msg = build(request)
         data = encode(msg, pad_to=MAX_DATAGRAM if pad else None)
         loop = asyncio.get_running_loop()
         delay = self.request_timeout
         try:
-            for _ in range(attempts):
+            for attempt in range(attempts):
+                if attempt and renewed is not None:
+                    old = request
+                    self._pending.pop(old, None)
+                    request = self._new_request()
+                    renewed(old, request)
+                    data = encode(build(request), pad_to=MAX_DATAGRAM if pad else None)
                 future: asyncio.Future[AnyMessage] = loop.create_future()
                 self._pending[request] = future
                 self._send_bytes(data)
