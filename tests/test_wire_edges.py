@@ -25,6 +25,7 @@ from daemons import DaemonProcess, RawPeer
 from presence_client.protocol import (
     DAEMON_TO_CLIENT,
     SUPPORTED_VERSIONS,
+    Disconnect,
     Error,
     ErrorCode,
     Friends,
@@ -123,6 +124,23 @@ def test_keys_equal_only_in_python_are_not_duplicates() -> None:
     )
     msg = decode(datagram)
     assert msg.TYPE is MessageType.DISCONNECT
+
+
+@pytest.mark.parametrize("key", [b"\x91\x01", b"\x81\xa1k\x01", b"\x90", b"\xc0", b"\xc4\x01v"])
+def test_a_key_of_any_other_type_is_ignored(key: bytes) -> None:
+    # An array, a map, nil, a bin: keys that are not strings are ignored like unknown
+    # keys, containers included (Python cannot hash them: msgpack's unpackb refuses).
+    head: bytes = msgpack.packb({"v": 1, "t": 5, "r": 9, "s": UNKNOWN}, use_bin_type=True)
+    datagram = bytes([head[0] + 1]) + head[1:] + key + b"\x01"
+    assert decode(datagram) == Disconnect(9, UNKNOWN)
+
+
+def test_a_container_key_still_counts_for_nesting() -> None:
+    head: bytes = msgpack.packb({"v": 1, "t": 5, "r": 9, "s": UNKNOWN}, use_bin_type=True)
+    datagram = bytes([head[0] + 1]) + head[1:] + b"\x91\x91\x91\x01" + b"\x01"
+    with pytest.raises(ProtocolError) as info:
+        decode(datagram)
+    assert (info.value.code, info.value.request) == (ErrorCode.MALFORMED, 9)
 
 
 def test_trailing_bytes_echo_a_readable_request() -> None:

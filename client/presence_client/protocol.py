@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -764,21 +765,67 @@ def _first_map(data: bytes) -> _Pairs | None:
 
 def _has_duplicate_key(value: object) -> bool:
     """True if a map in ``value`` (maps read as _Pairs) holds one key twice. Keys are
-    msgpack values: 1, true and 1.0 are three different keys."""
+    msgpack values: 1, true and 1.0 are three different keys. Keys that are maps or
+    arrays are ignored (as every key that is not a string is) and not compared."""
     stack = [value]
     while stack:
         item = stack.pop()
         if type(item) is _Pairs:
-            keys = [(type(key), key) for key, _ in item]
+            keys = [(type(key), key) for key, _ in item if not _is_container(key)]
             try:
                 if len(set(keys)) != len(keys):
                     return True
-            except TypeError:  # an unhashable key: msgpack's own unpackb refused it
-                return False
-            stack.extend(v for _, v in item if type(v) is _Pairs or type(v) is list)
+            except TypeError:  # unhashable inside an ext value: cannot be compared
+                pass
+            stack.extend(v for _, v in item if _is_container(v))
         elif type(item) is list:
-            stack.extend(v for v in item if type(v) is _Pairs or type(v) is list)
+            stack.extend(v for v in item if _is_container(v))
     return False
+
+
+def _is_container(value: object) -> bool:
+    return type(value) is _Pairs or type(value) is list
+
+
+def _nests_too_deep(value: object) -> bool:
+    """True if maps and arrays (read as _Pairs and lists, keys included) nest more than
+    MAX_NESTING levels deep in ``value``. Iterative, stops at the first level too many."""
+    level: list[Any] = [value]
+    for _ in range(MAX_NESTING):
+        below: list[Any] = []
+        for item in level:
+            for child in itertools.chain.from_iterable(item) if type(item) is _Pairs else item:
+                if _is_container(child):
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """``value`` read with _Pairs as the decoder's dicts and lists, dropping the map
+    entries whose key is a map or an array (only called within MAX_NESTING levels)."""
+    if type(value) is _Pairs:
+        return {k: _plain(v) for k, v in value if not _is_container(k)}
+    if type(value) is list:
+        return [_plain(item) for item in value]
+    return value
+
+
+def _ignoring_container_keys(data: bytes) -> dict[Any, Any]:
+    """The datagram's map when msgpack's unpackb could not hash a key (a map or an
+    array used as a key): such keys are ignored, as every key that is not a string is;
+    the nesting and duplicate rules still apply to the whole datagram."""
+    first = _first_map(data)
+    if first is None:
+        raise ProtocolError(ErrorCode.MALFORMED, "not msgpack: unhashable key in a non-map")
+    if _nests_too_deep(first):
+        raise _malformed(data, f"nested deeper than {MAX_NESTING} levels")
+    if _has_duplicate_key(first):
+        raise _malformed(data, "a map holds the same key twice")
+    plain: dict[Any, Any] = _plain(first)
+    return plain
 
 
 def _malformed(data: bytes, message: str) -> ProtocolError:
@@ -824,6 +871,8 @@ def decode(data: bytes) -> AnyMessage:
         m = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except msgpack.ExtraData:
         raise _malformed(data, "trailing bytes after the map") from None
+    except TypeError:  # a map or array as a key; anything else is the same error again
+        m = _ignoring_container_keys(data)
     except Exception as exc:  # msgpack raises several unrelated types; this is the boundary
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if type(m) is not dict:
