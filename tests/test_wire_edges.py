@@ -135,6 +135,14 @@ def test_a_key_of_any_other_type_is_ignored(key: bytes) -> None:
     assert decode(datagram) == Disconnect(9, UNKNOWN)
 
 
+def test_a_container_key_does_not_hide_trailing_bytes() -> None:
+    head: bytes = msgpack.packb({"v": 1, "t": 5, "r": 9, "s": UNKNOWN}, use_bin_type=True)
+    datagram = bytes([head[0] + 1]) + head[1:] + b"\x91\x01\x01" + b"\x00"
+    with pytest.raises(ProtocolError) as info:
+        decode(datagram)
+    assert (info.value.code, info.value.request) == (ErrorCode.MALFORMED, 9)
+
+
 def test_a_container_key_still_counts_for_nesting() -> None:
     head: bytes = msgpack.packb({"v": 1, "t": 5, "r": 9, "s": UNKNOWN}, use_bin_type=True)
     datagram = bytes([head[0] + 1]) + head[1:] + b"\x91\x91\x91\x01" + b"\x01"

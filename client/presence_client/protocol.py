@@ -716,7 +716,8 @@ def _too_deep(m: dict[Any, Any]) -> tuple[bool, bool]:
 
     Iterative (no recursion), and it stops at the first level too many: its cost is
     bounded by the datagram's size, whatever the nesting. Map keys need no look: a key
-    that is an array or map is unhashable, so msgpack already refused it.
+    that is an array or map cannot be a dict key (such datagrams are read by
+    _ignoring_container_keys, which looks at keys too).
     """
     level = [value for value in m.values() if type(value) is list or type(value) is dict]
     has_map = False
@@ -749,9 +750,9 @@ def _map_length(data: bytes) -> int:
     return int.from_bytes(data[1 : 1 + width], "big")
 
 
-def _first_map(data: bytes) -> _Pairs | None:
+def _first_map(data: bytes, *, whole: bool = False) -> _Pairs | None:
     """The first msgpack object of ``data`` if it is a readable map (whatever follows
-    it), as its pairs; else None."""
+    it, unless ``whole``), as its pairs; else None."""
     unpacker = msgpack.Unpacker(
         raw=False, strict_map_key=False, object_pairs_hook=_Pairs, max_buffer_size=MAX_DATAGRAM
     )
@@ -760,6 +761,8 @@ def _first_map(data: bytes) -> _Pairs | None:
         first = unpacker.unpack()
     except Exception:  # anything msgpack refuses: no map to read
         return None
+    if whole and unpacker.tell() != len(data):
+        raise _malformed(data, "trailing bytes after the map")
     return first if type(first) is _Pairs else None
 
 
@@ -817,7 +820,7 @@ def _ignoring_container_keys(data: bytes) -> dict[Any, Any]:
     """The datagram's map when msgpack's unpackb could not hash a key (a map or an
     array used as a key): such keys are ignored, as every key that is not a string is;
     the nesting and duplicate rules still apply to the whole datagram."""
-    first = _first_map(data)
+    first = _first_map(data, whole=True)
     if first is None:
         raise ProtocolError(ErrorCode.MALFORMED, "not msgpack: unhashable key in a non-map")
     if _nests_too_deep(first):
