@@ -228,11 +228,20 @@ class Peer:
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.connect(server)
         self.inbox: list[bytes] = []
+        self.last_sent = b""
+        """The last datagram sent (a scenario resends it after a TRY_AGAIN)."""
+        self.last_request: int | None = None
+        """Its ``r``, if it had one."""
 
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, data: bytes) -> None:
+    def resend(self) -> None:
+        self.send(self.last_sent)
+
+    def send(self, data: bytes, *, remember: bool = True) -> None:
+        if remember:
+            self.last_sent = data
         try:
             self.sock.send(data)
         except ConnectionRefusedError:
@@ -294,7 +303,8 @@ class Peer:
         anything arrives within that many seconds after the barrier (a reply the daemon
         computes in the background, as a CONNECT's, may come after it)."""
         request = secrets.randbelow(2**31) + 2**31
-        self.send(pack({"v": 1, "t": 5, "r": request, "s": secrets.token_bytes(16)}))
+        barrier = pack({"v": 1, "t": 5, "r": request, "s": secrets.token_bytes(16)})
+        self.send(barrier, remember=False)
         deadline = time.monotonic() + timeout
         while True:
             for index, data in enumerate(self.inbox):
@@ -494,11 +504,14 @@ def run_scenario(scenario: dict[str, Any], run: Run) -> str | None:
 def _step(step: dict[str, Any], peers: dict[str, Peer], variables: Vars, run: Run) -> None:
     if "send" in step:
         value = build(step["msg"], variables, run.tag)
-        peers[step["send"]].send(pack(value, step.get("pad_to")))
+        peer = peers[step["send"]]
+        peer.send(pack(value, step.get("pad_to")))
+        request = value.get("r") if type(value) is dict else None
+        peer.last_request = request if type(request) is int else None
     elif "expect" in step or "drop" in step:
         peer = peers[step.get("expect") or step["drop"]]
         timeout = step.get("timeout_ms", run.reply_timeout * 1000) / 1000
-        peer.expect(step["msg"], variables, run.tag, timeout)
+        _expect_step(peer, step["msg"], variables, run.tag, timeout)
     elif "quiet" in step:
         peers[step["quiet"]].quiet()
     elif "wait_ms" in step:
@@ -508,6 +521,26 @@ def _step(step: dict[str, Any], peers: dict[str, Peer], variables: Vars, run: Ru
         time.sleep((wait + step.get("plus_ms", 0)) / 1000)
     else:
         raise Failure(f"unknown step {step!r}")
+
+
+def _expect_step(peer: Peer, pattern: Any, variables: Vars, run: str, timeout: float) -> None:
+    """An ``expect`` (or ``drop``) step. A TRY_AGAIN answering the peer's last request,
+    when that is not what the step expects, is a rate limit of the daemon: the request
+    is sent again after a growing pause, as a client would."""
+    expects_busy = isinstance(pattern, dict) and pattern.get("e") == TRY_AGAIN
+    busy = None
+    if peer.last_request is not None and not expects_busy:
+        busy = {**_BUSY, "r": peer.last_request}
+    delay = 0.25
+    for _ in range(8):
+        try:
+            peer.expect(pattern, variables, run, timeout, give_up=busy)
+            return
+        except _TryAgain:
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            peer.resend()
+    raise Failure("still TRY_AGAIN after 8 attempts (start the daemon without rate limits)")
 
 
 # ---------------------------------------------------------------------------
