@@ -304,6 +304,19 @@ def test_every_row_of_the_documents_error_table_is_covered() -> None:
     assert {(int(code), name) for code, name in rows} == {(int(c), c.name) for c in ErrorCode}
 
 
+@pytest.mark.parametrize("vector", DAEMON, ids=[v["id"] for v in DAEMON])
+def test_daemon_vector_summary_says_what_the_pattern_says(vector: dict[str, Any]) -> None:
+    reply = vector["expect"]["reply"]
+    if reply == "none":
+        assert vector["expect"]["summary"] == "no reply"
+        return
+    words = vector["expect"]["summary"].split()
+    assert words[0] == MessageType(reply["t"]).name
+    if reply["t"] == MessageType.ERROR:
+        assert words[1:3] == [ErrorCode(reply["e"]).name, f"r={reply['r']}"]
+        assert ("vs" in words) == isinstance(reply.get("vs"), list)
+
+
 def test_ids_are_unique_and_names_table_is_in_the_kit() -> None:
     ids = [item["id"] for item in [*CODEC, *DAEMON, *SCENARIOS]]
     assert len(ids) == len(set(ids))
