@@ -38,7 +38,10 @@ from presence_client.protocol import (
     decode,
     encode,
 )
+from presence_daemon.config import Config
 from presence_daemon.embedded import EmbeddedRedis
+from presence_daemon.presence import Presence
+from presence_daemon.server import Server
 
 UNKNOWN = bytes(range(16))
 
@@ -191,18 +194,36 @@ async def test_daemon_echoes_request_after_trailing_bytes(peer: RawPeer) -> None
     assert [(e.code, e.request) for e in errors] == [(ErrorCode.MALFORMED, 77)]
 
 
-@pytest.mark.parametrize("kind", sorted(DAEMON_TO_CLIENT))
-async def test_daemon_to_client_types_are_never_answered(kind: MessageType, peer: RawPeer) -> None:
-    variants = {
+def wrong_direction_variants(kind: MessageType) -> dict[str, bytes]:
+    return {
         "bare": pack({"v": 1, "t": kind, "r": 5}),
         "wrong-version": pack({"v": 2, "t": kind, "r": 5}),
         "no-version": pack({"t": kind, "r": 5}),
         "trailing": pack({"v": 1, "t": kind, "r": 5}) + b"\x00",
         "duplicate-key": with_duplicate({"v": 1, "t": kind, "r": 5, "pad": bytes(40)}, "r", 6),
         "bad-field": pack({"v": 1, "t": kind, "r": 5, "s": 1, "f": [1, 2], "q": -1}),
+        "too-deep": pack({"v": 1, "t": kind, "r": 5, "x": [[[1]]]}),
     }
-    for name, datagram in variants.items():
+
+
+@pytest.mark.parametrize("kind", sorted(DAEMON_TO_CLIENT))
+async def test_daemon_to_client_types_are_never_answered(kind: MessageType, peer: RawPeer) -> None:
+    for name, datagram in wrong_direction_variants(kind).items():
         assert await answer(peer, datagram) == [], name
+
+
+async def test_daemon_to_client_types_are_counted(redis_url: str) -> None:
+    sent: list[bytes] = []
+    presence = Presence.from_url(redis_url)
+    server = Server(Config(), presence, send=lambda data, addr: sent.append(data))
+    try:
+        datagrams = [d for k in DAEMON_TO_CLIENT for d in wrong_direction_variants(k).values()]
+        for datagram in datagrams:
+            server.datagram_received(datagram, ("127.0.0.1", 5000))
+        assert sent == []
+        assert server.counters["dropped_daemon_message"] == len(datagrams) == 8 * 7
+    finally:
+        await presence.close()
 
 
 async def test_daemon_answers_unknown_version_with_the_versions_it_speaks(
