@@ -1,4 +1,4 @@
-"""The name rules, row by row from ``docs/conformance/names.tsv``.
+"""The name rules, row by row from ``conformance/names.tsv``.
 
 Each row of the conformance table is checked against :func:`is_valid_name` and against
 a live daemon (a CONNECT with that user name, and one with it as a friend name, is
@@ -37,7 +37,7 @@ from presence_client.protocol import (
 from presence_daemon.embedded import EmbeddedRedis
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-TABLE: Final = ROOT / "docs" / "conformance" / "names.tsv"
+TABLE: Final = ROOT / "conformance" / "names.tsv"
 PROTOCOL_DOC: Final = ROOT / "docs" / "protocol.md"
 
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeVar, cast
 
@@ -37,6 +38,9 @@ from precis_i18n.derived import CONTEXTJ, CONTEXTO, PVALID, derived_property
 
 PROTOCOL_VERSION: Final = 1
 """Value of the ``v`` key in every datagram this code sends and accepts."""
+
+SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION,)
+"""The versions this code speaks: the ``vs`` key of an UNSUPPORTED_VERSION error."""
 
 MAX_DATAGRAM: Final = 1200
 """Largest datagram either side sends or accepts, in bytes (fits any path's MTU)."""
@@ -124,7 +128,8 @@ class ErrorCode(enum.IntEnum):
     """Stable numeric error codes, carried by :class:`Error` replies and ProtocolError."""
 
     MALFORMED = 1
-    """Not a msgpack map, or trailing bytes after it."""
+    """Not a msgpack map, trailing bytes after it, a map holding one key twice, or
+    maps and arrays nested deeper than MAX_NESTING."""
     UNSUPPORTED_VERSION = 2
     """The ``v`` key is missing or names a version this side does not speak."""
     UNKNOWN_TYPE = 3
@@ -479,13 +484,16 @@ class Notify(Message):
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
-    """Daemon -> client: the request was refused. Keys ``r e``."""
+    """Daemon -> client: the request was refused. Keys ``r e`` and, optionally, ``vs``."""
 
     TYPE = MessageType.ERROR
     request: int
     """Request id of the refused message, 0 if it had none or could not be read."""
     code: ErrorCode
     """Why; see ErrorCode."""
+    versions: tuple[int, ...] = ()
+    """With UNSUPPORTED_VERSION, the protocol versions the daemon speaks (``vs``,
+    optional: left out when the reply would be larger than the datagram); else empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,7 +679,17 @@ def _decode_error(m: dict[Any, Any]) -> Error:
         code = ErrorCode(code_value)
     except ValueError:
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"unknown error code {code_value}") from None
-    return Error(request=_uint(m, "r", MAX_REQUEST_ID) if "r" in m else 0, code=code)
+    versions: tuple[int, ...] = ()
+    if "vs" in m:
+        value = m["vs"]
+        if type(value) is not list or not all(
+            type(v) is int and 0 <= v <= 2**63 - 1 for v in value
+        ):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "key 'vs' must be an array of integers")
+        versions = tuple(value)
+    return Error(
+        request=_uint(m, "r", MAX_REQUEST_ID) if "r" in m else 0, code=code, versions=versions
+    )
 
 
 _DECODERS: Final[dict[int, Callable[[dict[Any, Any]], AnyMessage]]] = {
@@ -696,51 +714,194 @@ _DECODERS: Final[dict[int, Callable[[dict[Any, Any]], AnyMessage]]] = {
 _CONTAINER_TYPES: Final = frozenset((list, dict))
 
 
-def _too_deep(m: dict[Any, Any]) -> bool:
-    """True if a map or array nests more than MAX_NESTING levels deep in ``m``.
+def _too_deep(m: dict[Any, Any]) -> tuple[bool, bool]:
+    """Whether a map or array nests more than MAX_NESTING levels deep in ``m``, and
+    whether ``m`` holds a map (at any level looked at).
 
     Iterative (no recursion), and it stops at the first level too many: its cost is
     bounded by the datagram's size, whatever the nesting. Map keys need no look: a key
-    that is an array or map is unhashable, so msgpack already refused it.
+    that is an array or map cannot be a dict key (such datagrams are read by
+    _ignoring_container_keys, which looks at keys too).
     """
     level = [value for value in m.values() if type(value) is list or type(value) is dict]
+    has_map = False
     for _ in range(MAX_NESTING - 1):
         if not level:
-            return False
+            return False, has_map
         below: list[Any] = []
         for container in level:
-            for value in container.values() if type(container) is dict else container:
+            values: Iterable[Any] = container
+            if type(container) is dict:
+                has_map = True
+                values = container.values()
+            for value in values:
                 if type(value) is list or type(value) is dict:
                     below.append(value)
         level = below
-    return bool(level)
+    return bool(level), has_map
+
+
+class _Pairs(list[tuple[Any, Any]]):
+    """A msgpack map read as its list of (key, value) pairs, duplicates and all."""
+
+
+def _map_length(data: bytes) -> int:
+    """The entry count in the header of the msgpack map ``data`` starts with."""
+    first = data[0]
+    if first <= 0x8F:
+        return first & 0x0F
+    width = 2 if first == 0xDE else 4
+    return int.from_bytes(data[1 : 1 + width], "big")
+
+
+def _first_map(data: bytes, *, whole: bool = False) -> _Pairs | None:
+    """The first msgpack object of ``data`` if it is a readable map (whatever follows
+    it, unless ``whole``), as its pairs; else None."""
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=False, object_pairs_hook=_Pairs, max_buffer_size=MAX_DATAGRAM
+    )
+    try:
+        unpacker.feed(data)
+        first = unpacker.unpack()
+    except Exception:  # anything msgpack refuses: no map to read
+        return None
+    if whole and unpacker.tell() != len(data):
+        raise _malformed(data, "trailing bytes after the map")
+    return first if type(first) is _Pairs else None
+
+
+def _has_duplicate_key(value: object) -> bool:
+    """True if a map in ``value`` (maps read as _Pairs) holds one key twice. Keys are
+    msgpack values: 1, true and 1.0 are three different keys. Keys that are maps or
+    arrays are ignored (as every key that is not a string is) and not compared."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is _Pairs:
+            keys = [(type(key), key) for key, _ in item if not _is_container(key)]
+            try:
+                if len(set(keys)) != len(keys):
+                    return True
+            except TypeError:  # unhashable inside an ext value: cannot be compared
+                pass
+            stack.extend(v for _, v in item if _is_container(v))
+        elif type(item) is list:
+            stack.extend(v for v in item if _is_container(v))
+    return False
+
+
+def _is_container(value: object) -> bool:
+    return type(value) is _Pairs or type(value) is list
+
+
+def _nests_too_deep(value: object) -> bool:
+    """True if maps and arrays (read as _Pairs and lists, keys included) nest more than
+    MAX_NESTING levels deep in ``value``. Iterative, stops at the first level too many."""
+    level: list[Any] = [value]
+    for _ in range(MAX_NESTING):
+        below: list[Any] = []
+        for item in level:
+            for child in itertools.chain.from_iterable(item) if type(item) is _Pairs else item:
+                if _is_container(child):
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """``value`` read with _Pairs as the decoder's dicts and lists, dropping the map
+    entries whose key is a map or an array (only called within MAX_NESTING levels)."""
+    if type(value) is _Pairs:
+        return {k: _plain(v) for k, v in value if not _is_container(k)}
+    if type(value) is list:
+        return [_plain(item) for item in value]
+    return value
+
+
+def _ignoring_container_keys(data: bytes) -> dict[Any, Any]:
+    """The datagram's map when msgpack's unpackb could not hash a key (a map or an
+    array used as a key): such keys are ignored, as every key that is not a string is;
+    the nesting and duplicate rules still apply to the whole datagram."""
+    first = _first_map(data, whole=True)
+    if first is None:
+        raise ProtocolError(ErrorCode.MALFORMED, "not msgpack: unhashable key in a non-map")
+    if _nests_too_deep(first):
+        raise _malformed(data, f"nested deeper than {MAX_NESTING} levels")
+    if _has_duplicate_key(first):
+        raise _malformed(data, "a map holds the same key twice")
+    plain: dict[Any, Any] = _plain(first)
+    return plain
+
+
+def _malformed(data: bytes, message: str) -> ProtocolError:
+    """MALFORMED for ``data``, carrying the request id and message type of its first
+    map when that map is readable and holds each of ``r`` and ``t`` once (decision:
+    an ERROR echoes a valid ``r`` even after trailing bytes), else 0 and None."""
+    error = ProtocolError(ErrorCode.MALFORMED, message)
+    first = _first_map(data)
+    if first is not None:
+        request = [v for k, v in first if type(k) is str and k == "r"]
+        if len(request) == 1 and type(request[0]) is int and 0 <= request[0] <= MAX_REQUEST_ID:
+            error.request = request[0]
+        kind = [v for k, v in first if type(k) is str and k == "t"]
+        if len(kind) == 1:
+            error.kind = _message_type(kind[0])
+    return error
+
+
+def _message_type(value: object) -> MessageType | None:
+    if type(value) is not int:
+        return None
+    try:
+        return MessageType(value)
+    except ValueError:
+        return None
 
 
 def decode(data: bytes) -> AnyMessage:
     """Decode one datagram.
 
     Raises ProtocolError with code TOO_LARGE, MALFORMED, UNSUPPORTED_VERSION,
-    UNKNOWN_TYPE, INVALID_FIELD or INVALID_NAME; never any other exception. A map or
-    array nested deeper than MAX_NESTING is MALFORMED, so validation never meets a
-    deep value (msgpack itself stops near 1,024 levels; ``repr`` would not).
+    UNKNOWN_TYPE, INVALID_FIELD or INVALID_NAME; never any other exception. Trailing
+    bytes, a map holding one key twice, and a map or array nested deeper than
+    MAX_NESTING are MALFORMED, so validation never meets a deep value (msgpack itself
+    stops near 1,024 levels; ``repr`` would not) nor has to pick one of two values.
+
+    The error's ``request`` is the datagram's ``r`` when its (first) map holds a valid
+    one, else 0; its ``kind`` the message type ``t`` names when it is a known one.
     """
     if len(data) > MAX_DATAGRAM:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(data)} bytes > {MAX_DATAGRAM}")
     try:
         m = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        raise _malformed(data, "trailing bytes after the map") from None
+    except TypeError:  # a map or array as a key; anything else is the same error again
+        m = _ignoring_container_keys(data)
     except Exception as exc:  # msgpack raises several unrelated types; this is the boundary
         raise ProtocolError(ErrorCode.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
     if type(m) is not dict:
         raise ProtocolError(ErrorCode.MALFORMED, "a datagram must be a msgpack map")
     # Most datagrams (every PING) hold no array or map at all: one C-level pass says so.
-    if not _CONTAINER_TYPES.isdisjoint(map(type, m.values())) and _too_deep(m):
-        raise ProtocolError(ErrorCode.MALFORMED, f"nested deeper than {MAX_NESTING} levels")
+    too_deep, has_map = False, False
+    if not _CONTAINER_TYPES.isdisjoint(map(type, m.values())):
+        too_deep, has_map = _too_deep(m)
+    # A key given twice collapses in a dict: the header's count says so. Keys in a
+    # nested map (rare: the protocol has none) are checked pair by pair.
+    if (len(m) != _map_length(data) or has_map) and _has_duplicate_key(_first_map(data)):
+        raise _malformed(data, "a map holds the same key twice")
+    if too_deep:
+        raise _malformed(data, f"nested deeper than {MAX_NESTING} levels")
     request = m.get("r")
     if type(request) is not int or not 0 <= request <= MAX_REQUEST_ID:
         request = 0
-    if m.get("v") != PROTOCOL_VERSION or type(m.get("v")) is not int:
-        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {m.get('v')!r}", request)
     kind = m.get("t")
+    if m.get("v") != PROTOCOL_VERSION or type(m.get("v")) is not int:
+        error = ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"version {m.get('v')!r}", request)
+        error.kind = _message_type(kind)
+        raise error
     decoder = _DECODERS.get(kind) if type(kind) is int else None
     if decoder is None:
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"message type {kind!r}", request)
@@ -804,7 +965,10 @@ def _fields(msg: Message) -> dict[str, object]:
         case Notify():
             return {"q": msg.seq, "f": msg.friend.to_wire()}
         case Error():
-            return {"r": msg.request, "e": int(msg.code)}
+            fields = {"r": msg.request, "e": int(msg.code)}
+            if msg.versions:
+                fields["vs"] = list(msg.versions)
+            return fields
         case GoAway():
             return {"s": msg.session, "w": int(msg.reason)}
     raise TypeError(f"not a protocol message: {msg!r}")

@@ -63,6 +63,7 @@ from presence_client.protocol import (
     PING_TOKEN_AT,
     PONGS,
     PONGS_KEPT,
+    SUPPORTED_VERSIONS,
     Connect,
     ConnectOk,
     Disconnect,
@@ -186,6 +187,8 @@ class Session:
     friend_parts: dict[int, tuple[str, ...]] | None = None
     """Parts of a multi-part friend SET received so far (only while one is pending)."""
     friend_request: int = -1
+    friend_part_count: int = 0
+    """The part count ``n`` of that SET (every part of it must carry the same)."""
     snapshot_at: float = -math.inf
     """When this session was last admitted a snapshot (server clock)."""
     snapshot_request: int = -1
@@ -449,6 +452,11 @@ class Server:
                     self.counters["dropped_daemon_message"] += 1
                     return
                 self.counters[f"rejected_{exc.code.name.lower()}"] += 1
+                if exc.code is ErrorCode.UNSUPPORTED_VERSION:
+                    # With the versions we speak, if that fits the amplification rule.
+                    versions = Error(exc.request, exc.code, versions=SUPPORTED_VERSIONS)
+                    if self._reply(versions, addr, limit=len(data), count_withheld=False):
+                        return
                 self._reply(Error(exc.request, exc.code), addr, limit=len(data))
                 return
             self.received_by_type[msg.TYPE] += 1
@@ -513,11 +521,19 @@ class Server:
             return None
         return msg.previous.hex() if msg.previous is not None else ""
 
-    def _reply(self, msg: Message, addr: Address, *, limit: int | None = None) -> bool:
+    def _reply(
+        self,
+        msg: Message,
+        addr: Address,
+        *,
+        limit: int | None = None,
+        count_withheld: bool = True,
+    ) -> bool:
         """Send ``msg``; with ``limit`` (an unverified address) only if it is no larger."""
         data = encode(msg)
         if limit is not None and len(data) > limit:
-            self.counters["replies_withheld_amplification"] += 1
+            if count_withheld:
+                self.counters["replies_withheld_amplification"] += 1
             return False
         self._send(data, addr)
         self.counters["datagrams_out"] += 1
@@ -900,11 +916,22 @@ class Server:
             self.counters["rejected_forbidden"] += 1
             self._reply(Error(msg.request, ErrorCode.FORBIDDEN), session.address)
             return
+        if (
+            msg.request == session.friend_request
+            and session.friend_parts is not None
+            and msg.parts != session.friend_part_count
+        ):
+            # A part that disagrees with the SET its `r` began: refused on its own (the
+            # consistent parts still complete that SET).
+            self.counters["rejected_invalid_field"] += 1
+            self._reply(Error(msg.request, ErrorCode.INVALID_FIELD), session.address)
+            return
         if msg.op is not FriendsOp.SET or msg.parts == 1:
             names: tuple[str, ...] = msg.names
         else:
             if msg.request != session.friend_request or session.friend_parts is None:
                 session.friend_request = msg.request
+                session.friend_part_count = msg.parts
                 session.friend_parts = {}
             parts = session.friend_parts
             parts[msg.part] = msg.names
