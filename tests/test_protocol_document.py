@@ -926,3 +926,27 @@ def test_timing_relations_hold_for_the_defaults() -> None:
     assert drop in text
     reap = f"({defaults.lease_ttl - renew:g}\N{EN DASH}{defaults.lease_ttl + renew:g} s)"
     assert reap in text
+
+
+def test_sizes_at_a_glance_are_the_codec_s() -> None:
+    rows = {}
+    for line in section("Sizes at a glance").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].isupper():
+            rows[cells[0]] = cells[1]
+    token = bytes(protocol.SESSION_BYTES)
+    assert rows["PING"] == f"{len(protocol.encode(protocol.Ping(token)))} bytes"
+    assert rows["GO_AWAY"] == f"{len(protocol.encode(protocol.GoAway(token, 1)))} bytes"
+    pongs = (protocol.encode(protocol.Pong(q)) for q in (0, 2**32 - 1))
+    assert rows["PONG"].startswith("{} to {} bytes".format(*map(len, pongs)))
+    error = protocol.ErrorCode.UNSUPPORTED_VERSION
+    smallest = len(protocol.encode(protocol.Error(1, error)))
+    largest = len(protocol.encode(protocol.Error(protocol.MAX_REQUEST_ID, error)))
+    versions = len(msgpack.packb({"vs": [protocol.PROTOCOL_VERSION]})) - 1  # (map header)
+    assert rows["ERROR"] == (
+        f"{smallest} to {largest} bytes (by the size of `r`), plus {versions} with `vs` = [1]"
+    )
+    now_ms = 1_764_126_000_000
+    notify = protocol.encode(protocol.Notify(1, protocol.FriendState("", True, now_ms)))
+    assert rows["NOTIFY"].startswith(f"{len(notify)} + name bytes")  # ("": a str header)
+    assert rows["CONNECT"] == f"padded to {protocol.MAX_DATAGRAM:,}"
