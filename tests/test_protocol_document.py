@@ -59,6 +59,8 @@ OP_SET: Final = 3
 
 E_INVALID_NAME: Final = 6
 E_UNKNOWN_SESSION: Final = 10
+E_CLIENT_ID_IN_USE: Final = 11
+E_STALE: Final = 15
 E_TRY_AGAIN: Final = 20
 
 Msg = dict[str, Any]
@@ -224,14 +226,19 @@ class DocClient:
 
     # -- protocol operations -----------------------------------------------------------
 
-    def connect(self, friends: list[str] | None = None) -> Msg:
+    def try_connect(self, friends: list[str] | None = None, **extra: Any) -> Msg:
+        """Send a padded CONNECT (``extra``: more keys, such as ``n`` or ``ps``); return
+        its answer, CONNECT_OK or ERROR, without acting on it."""
         r = next(_request_ids)
         msg: Msg = {"v": VERSION, "t": CONNECT, "r": r, "c": self.client_id, "u": self.user}
         if friends is not None:
             msg["f"] = friends
-        self.declared = None if friends is None else set(friends)
-        reply = self.request(padded(msg), r, (CONNECT_OK,))
+        return self.request(padded(msg | extra), r, (CONNECT_OK,))
+
+    def connect(self, friends: list[str] | None = None, **extra: Any) -> Msg:
+        reply = self.try_connect(friends, **extra)
         assert reply["t"] == CONNECT_OK, reply
+        self.declared = None if friends is None else set(friends)
         self.session = reply["s"]
         self.ping_interval = reply["pi"] / 1000
         self.timeout = reply["to"] / 1000
@@ -653,6 +660,36 @@ def test_a_resent_snapshot_request_takes_a_new_r(
     assert replay == parts[0]
 
 
+def test_connect_repeat_replacement_and_replays(daemon: Address, clients: MakeClient) -> None:
+    """The rules of *CONNECT: repeats, replacement and replays*, in their order."""
+    first = clients(daemon, "alice-laptop", "alice")
+    number = time.time_ns() // 1_000_000
+    token = first.connect(["bob"], n=number)["s"]
+    # Repeat: same client id, user and address, the session live: the same token.
+    assert first.try_connect(["bob"], n=number)["s"] == token
+
+    # From another address, without proof, while that session lives: refused.
+    second = clients(daemon, "alice-laptop", "alice")
+    refused = second.try_connect(n=number + 1)
+    assert refused["t"] == ERROR and refused["e"] == E_CLIENT_ID_IN_USE, refused
+    # With `ps`, the token it replaces: a new session; the old token is unknown now.
+    replaced = second.connect(n=number + 1, ps=token)
+    assert replaced["s"] != token
+    first.keepalive = False
+    first.send({"v": VERSION, "t": PING, "s": token})
+    gone = first.wait_for(lambda m: m["t"] == ERROR)
+    assert gone["e"] == E_UNKNOWN_SESSION and gone["r"] == 0
+
+    # Replays: a lower number, or the same number once its session ended.
+    older = first.try_connect(n=number, ps=replaced["s"])
+    assert older["t"] == ERROR and older["e"] == E_STALE, older
+    second.disconnect()
+    delayed = second.try_connect(n=number + 1)
+    assert delayed["t"] == ERROR and delayed["e"] == E_STALE, delayed
+    # A higher number is a new connect.
+    assert second.try_connect(n=number + 2)["t"] == CONNECT_OK
+
+
 # -- the error-code table, row by row ---------------------------------------------------
 
 DOC: Final = os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")
@@ -660,7 +697,6 @@ DOC: Final = os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md"
 COVERED_ELSEWHERE: Final[dict[str, str]] = {
     "UNAUTHORIZED": "needs a daemon that requires login tokens (issue 11, auth work)",
     "FORBIDDEN": "needs a daemon where the application sets friend lists (issue 11)",
-    "STALE": "needs a replayed connect number `n` after a newer one (issue 11)",
     "TRY_AGAIN": "needs Redis stopped or a full job queue: tests/test_convergence.py "
     "(test_connect_while_redis_is_stopped_gets_try_again_quickly, "
     "test_disconnects_during_a_redis_stall_are_told_to_friends_after_it)",
@@ -699,6 +735,12 @@ def producers(daemon: Address) -> dict[str, Callable[[DocClient], bytes]]:
             owner.close()
         return padded({**connect_body("intruder", "shared-1")})
 
+    def replayed(client: DocClient) -> bytes:
+        number = time.time_ns() // 1_000_000
+        client.connect([], n=number)
+        client.disconnect()
+        return padded({**connect_body(client.user, client.client_id), "n": number})
+
     return {
         "MALFORMED": lambda c: b"\xc1" * 100,
         "UNSUPPORTED_VERSION": lambda c: padded({"v": 2, "t": PING, "s": bytes(16)}, 100),
@@ -709,6 +751,7 @@ def producers(daemon: Address) -> dict[str, Callable[[DocClient], bytes]]:
         "UNKNOWN_SESSION": lambda c: pack({"v": VERSION, "t": PING, "s": os.urandom(16)}),
         "CLIENT_ID_IN_USE": in_use,
         "TOO_MANY_FRIENDS": lambda c: padded(connect_body(f=["f1", "f2", "f3"])),
+        "STALE": replayed,
     }
 
 
@@ -785,11 +828,8 @@ def test_constants_copied_from_the_document_are_the_code_s() -> None:
         protocol.FriendsOp.SET,
         protocol.FriendsOp.REMOVE,
     )
-    assert (E_INVALID_NAME, E_UNKNOWN_SESSION, E_TRY_AGAIN) == (
-        protocol.ErrorCode.INVALID_NAME,
-        protocol.ErrorCode.UNKNOWN_SESSION,
-        protocol.ErrorCode.TRY_AGAIN,
-    )
+    copied_codes = {name[2:]: value for name, value in globals().items() if name[:2] == "E_"}
+    assert copied_codes == {name: protocol.ErrorCode[name] for name in copied_codes}
     text = doc_text()
     assert f"**{protocol.MAX_DATAGRAM:,} bytes**" in text
     assert f"**{protocol.MIN_CONNECT_SIZE} bytes**" in text
