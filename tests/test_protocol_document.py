@@ -14,6 +14,7 @@ defaults they describe.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import queue
@@ -990,3 +991,19 @@ def test_sizes_at_a_glance_are_the_codec_s() -> None:
     notify = protocol.encode(protocol.Notify(1, protocol.FriendState("", True, now_ms)))
     assert rows["NOTIFY"].startswith(f"{len(notify)} + name bytes")  # ("": a str header)
     assert rows["CONNECT"] == f"padded to {protocol.MAX_DATAGRAM:,}"
+
+
+def test_state_machine_attempts_are_the_sdk_s() -> None:
+    """The attempt counts in the state machine's timer table (the SDK has them as
+    parameter defaults, not constants)."""
+    timers = section("Client state machine")
+    row = next(line for line in timers.splitlines() if line.startswith("| attempts |"))
+    connect = inspect.signature(sdk.PresenceClient).parameters["connect_attempts"].default
+    requests = inspect.signature(sdk.PresenceClient._request).parameters["attempts"].default
+    assert f"CONNECT {sdk.ATTEMPTS_PER_SERVER} per server" in row
+    assert f"the first connect {connect} in all" in row
+    assert f"FRIENDS and SNAPSHOT_REQUEST {requests}" in row
+    assert f"{sdk.PROBES} PINGs" in timers
+    statuses = {"connected", "reconnecting", "disconnected"}  # the SDK's StatusEvents
+    for status in statuses:
+        assert f"emits *{status}*" in timers or f"emit *{status}*" in timers, status
