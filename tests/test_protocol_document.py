@@ -1,16 +1,24 @@
-"""A client written only from ``docs/protocol.md``, against a real daemon.
+"""A client written only from ``docs/protocol.md``, against a real daemon; and the
+document's tables checked against the code, so neither can drift.
 
-Nothing here imports ``presence_client``: the constants below are copied from the
+``DocClient`` never uses ``presence_client``: the constants below are copied from the
 document, messages are plain dicts packed with ``msgpack``, and the socket is a plain
-blocking UDP socket with timeouts. If one of these tests fails, either the daemon or
-the document is wrong; the document is supposed to be enough to write a client.
+blocking UDP socket with timeouts. If one of its tests fails, either the daemon or the
+document is wrong; the document is supposed to be enough to write a client.
+
+The last section (*the document against the code*) is the one place that imports the
+code: it parses the document's tables (message types, error codes, GO_AWAY reasons,
+the timing model) and compares them, both ways, with the enums, constants and config
+defaults they describe.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -21,6 +29,10 @@ import msgpack
 import pytest
 
 from daemons import DaemonFactory, daemon_factory_fixture  # noqa: F401
+from presence_client import protocol, sdk  # only for "the document against the code"
+from presence_daemon import config as daemon_config
+from presence_daemon import presence as daemon_presence
+from presence_daemon import server as daemon_server
 
 # -- constants, from docs/protocol.md -------------------------------------------------
 
@@ -48,6 +60,9 @@ OP_SET: Final = 3
 
 E_INVALID_NAME: Final = 6
 E_UNKNOWN_SESSION: Final = 10
+E_CLIENT_ID_IN_USE: Final = 11
+E_STALE: Final = 15
+E_TRY_AGAIN: Final = 20
 
 Msg = dict[str, Any]
 Address = tuple[str, int]
@@ -102,6 +117,10 @@ class DocClient:
         self.seq = 0  # highest contiguous notification seq received
         self._gap = False  # a notification was lost: a snapshot is needed
         self.friends: dict[str, tuple[bool, int]] = {}  # name -> (online, version)
+        self.declared: set[str] | None = None
+        """Names declared or being declared (None: not known, every state is applied).
+        A name counts as declared from the moment FRIENDS is sent; only a removed one
+        may be ignored."""
         self.notifies: list[Msg] = []
         self.backlog: list[Msg] = []  # received, handled, not yet matched by a wait
         self.inbox: queue.Queue[bytes] = queue.Queue()
@@ -149,7 +168,7 @@ class DocClient:
             return None
         assert len(data) <= MAX_DATAGRAM, f"datagram of {len(data)} bytes"
         msg = unpack(data)
-        assert msg.get("v") == VERSION, msg
+        assert msg.get("v") == VERSION and type(msg.get("t")) is int, msg  # in every message
         return msg
 
     # -- state keeping ---------------------------------------------------------------
@@ -160,6 +179,8 @@ class DocClient:
         name, online, version = state
         assert isinstance(name, str) and isinstance(online, bool), state
         assert isinstance(version, int) and version >= 0, state
+        if self.declared is not None and name not in self.declared:
+            return  # a name we removed: the one case a state may be ignored
         held = self.friends.get(name)
         if held is None or version >= held[1]:
             self.friends[name] = (online, version)
@@ -206,13 +227,19 @@ class DocClient:
 
     # -- protocol operations -----------------------------------------------------------
 
-    def connect(self, friends: list[str] | None = None) -> Msg:
+    def try_connect(self, friends: list[str] | None = None, **extra: Any) -> Msg:
+        """Send a padded CONNECT (``extra``: more keys, such as ``n`` or ``ps``); return
+        its answer, CONNECT_OK or ERROR, without acting on it."""
         r = next(_request_ids)
         msg: Msg = {"v": VERSION, "t": CONNECT, "r": r, "c": self.client_id, "u": self.user}
         if friends is not None:
             msg["f"] = friends
-        reply = self.request(padded(msg), r, (CONNECT_OK,))
+        return self.request(padded(msg | extra), r, (CONNECT_OK,))
+
+    def connect(self, friends: list[str] | None = None, **extra: Any) -> Msg:
+        reply = self.try_connect(friends, **extra)
         assert reply["t"] == CONNECT_OK, reply
+        self.declared = None if friends is None else set(friends)
         self.session = reply["s"]
         self.ping_interval = reply["pi"] / 1000
         self.timeout = reply["to"] / 1000
@@ -244,8 +271,23 @@ class DocClient:
         self.session = b""
         return reply
 
+    def declare(self, op: int, names: list[str]) -> None:
+        """Bookkeeping when FRIENDS is sent (not when FRIENDS_OK comes): added names are
+        declared at once, and offline until a NOTIFY or a snapshot says otherwise."""
+        if op == OP_REMOVE:
+            if self.declared is not None:
+                self.declared -= set(names)
+            return
+        if op == OP_SET:
+            self.declared = set()
+        if self.declared is not None:
+            self.declared |= set(names)
+        for name in names:
+            self.friends.setdefault(name, (False, -1))
+
     def friends_op(self, op: int, names: list[str], p: int = 0, n: int = 1) -> Msg:
         r = next(_request_ids)
+        self.declare(op, names)
         msg = {"v": VERSION, "t": FRIENDS, "r": r, "s": self.session, "op": op, "f": names}
         if n != 1:
             msg |= {"p": p, "n": n}
@@ -254,6 +296,7 @@ class DocClient:
     def friends_set(self, names: list[str], per_part: int) -> Msg:
         """A multi-part ``set``: all parts with the same ``r``, one FRIENDS_OK."""
         r = next(_request_ids)
+        self.declare(OP_SET, names)
         chunks = [names[i : i + per_part] for i in range(0, len(names), per_part)]
         for p, chunk in enumerate(chunks):
             self.send(
@@ -545,6 +588,109 @@ def test_invalid_name_error_echoes_request_id(daemon: Address, clients: MakeClie
     assert err["r"] == r
 
 
+# -- cases the document decides (issue 14) ----------------------------------------------
+
+
+def test_a_name_counts_as_declared_from_the_moment_friends_is_sent(
+    daemon: Address, clients: MakeClient
+) -> None:
+    """The NOTIFY about a newly mutual friend may come before FRIENDS_OK; a client that
+    takes the name as declared once FRIENDS is sent applies it, whatever the order.
+    FRIENDS_OK carries nothing but `r`; an added friend is offline until told."""
+    alice = clients(daemon, "alice-laptop", "alice")
+    bob = clients(daemon, "bob-phone", "bob")
+    bob.connect(["alice"])
+    bob.pong()
+    alice.connect(["carol"])
+    alice.pong()
+
+    ok = alice.friends_op(OP_ADD, ["bob"])
+    assert ok["t"] == FRIENDS_OK and set(ok) == {"v", "t", "r"}, ok  # no friend states
+    notify = alice.wait_for(lambda m: m["t"] == NOTIFY)  # (before or after FRIENDS_OK)
+    assert notify["q"] == 1 and notify["f"][:2] == ["bob", True]
+    assert alice.friends["bob"] == (True, notify["f"][2])
+    assert alice.pong()["q"] == 1 and not alice.needs_snapshot()  # nothing was lost
+
+    # carol is not online: no NOTIFY about her; she stays offline, as the client assumed.
+    assert alice.friends_op(OP_ADD, ["dave"])["t"] == FRIENDS_OK
+    assert alice.friends["dave"][0] is False and alice.pong()["q"] == 1
+
+
+def test_a_silent_session_is_dropped_between_to_and_to_plus_one_sweep(
+    daemon_factory: DaemonFactory, clients: MakeClient
+) -> None:
+    timeout, sweep = 0.6, 0.25
+    flags = {"--timeout": str(timeout), "--sweep-interval": str(sweep)}
+    daemon = daemon_factory(flags=flags).address
+    alice = clients(daemon, "alice-laptop", "alice")
+    bob = clients(daemon, "bob-phone", "bob")
+    bob.connect(["alice"])
+    bob.pong()
+    alice.connect(["bob"])
+    bob.wait_for(lambda m: m["t"] == NOTIFY and m["f"][:2] == ["alice", True])
+    alice.keepalive = False
+    alice.ping()  # her last datagram (a background ping racing it would only be later)
+    off = bob.wait_for(lambda m: m["t"] == NOTIFY and m["f"][1] is False, timeout=5.0)
+    heard = time.monotonic()
+    assert off["f"][0] == "alice"
+    silent = heard - alice.last_ping  # last_ping: taken just before the last PING left
+    assert silent >= timeout, f"dropped after {silent:.3f} s < `to`"
+    # `to` + one sweep, plus the removal through Redis and the NOTIFY's trip (slack).
+    assert silent <= timeout + sweep + 0.5, f"dropped after {silent:.3f} s"
+
+
+def test_a_resent_snapshot_request_takes_a_new_r(
+    daemon_factory: DaemonFactory, clients: MakeClient
+) -> None:
+    """Within the snapshot interval a new `r` gets TRY_AGAIN (retry with backoff); the
+    `r` served last gets the same answer again (for older clients)."""
+    daemon = daemon_factory(flags={"--snapshot-interval": "30"}).address
+    alice = clients(daemon, "alice-laptop", "alice")
+    alice.connect(["bob", "carol"])
+    alice.pong()
+    _, parts = alice.snapshot()
+    served = parts[0]["r"]
+
+    r = next(_request_ids)
+    again = {"v": VERSION, "t": SNAPSHOT_REQUEST, "r": r, "s": alice.session}
+    err = alice.request(again, r, (SNAPSHOT,))
+    assert err["t"] == ERROR and err["e"] == E_TRY_AGAIN and err["r"] == r, err
+
+    same = {"v": VERSION, "t": SNAPSHOT_REQUEST, "r": served, "s": alice.session}
+    replay = alice.request(same, served, (SNAPSHOT,))
+    assert replay == parts[0]
+
+
+def test_connect_repeat_replacement_and_replays(daemon: Address, clients: MakeClient) -> None:
+    """The rules of *CONNECT: repeats, replacement and replays*, in their order."""
+    first = clients(daemon, "alice-laptop", "alice")
+    number = time.time_ns() // 1_000_000
+    token = first.connect(["bob"], n=number)["s"]
+    # Repeat: same client id, user and address, the session live: the same token.
+    assert first.try_connect(["bob"], n=number)["s"] == token
+
+    # From another address, without proof, while that session lives: refused.
+    second = clients(daemon, "alice-laptop", "alice")
+    refused = second.try_connect(n=number + 1)
+    assert refused["t"] == ERROR and refused["e"] == E_CLIENT_ID_IN_USE, refused
+    # With `ps`, the token it replaces: a new session; the old token is unknown now.
+    replaced = second.connect(n=number + 1, ps=token)
+    assert replaced["s"] != token
+    first.keepalive = False
+    first.send({"v": VERSION, "t": PING, "s": token})
+    gone = first.wait_for(lambda m: m["t"] == ERROR)
+    assert gone["e"] == E_UNKNOWN_SESSION and gone["r"] == 0
+
+    # Replays: a lower number, or the same number once its session ended.
+    older = first.try_connect(n=number, ps=replaced["s"])
+    assert older["t"] == ERROR and older["e"] == E_STALE, older
+    second.disconnect()
+    delayed = second.try_connect(n=number + 1)
+    assert delayed["t"] == ERROR and delayed["e"] == E_STALE, delayed
+    # A higher number is a new connect.
+    assert second.try_connect(n=number + 2)["t"] == CONNECT_OK
+
+
 # -- the error-code table, row by row ---------------------------------------------------
 
 DOC: Final = os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md")
@@ -552,7 +698,6 @@ DOC: Final = os.path.join(os.path.dirname(__file__), "..", "docs", "protocol.md"
 COVERED_ELSEWHERE: Final[dict[str, str]] = {
     "UNAUTHORIZED": "needs a daemon that requires login tokens (issue 11, auth work)",
     "FORBIDDEN": "needs a daemon where the application sets friend lists (issue 11)",
-    "STALE": "needs a replayed connect number `n` after a newer one (issue 11)",
     "TRY_AGAIN": "needs Redis stopped or a full job queue: tests/test_convergence.py "
     "(test_connect_while_redis_is_stopped_gets_try_again_quickly, "
     "test_disconnects_during_a_redis_stall_are_told_to_friends_after_it)",
@@ -591,6 +736,12 @@ def producers(daemon: Address) -> dict[str, Callable[[DocClient], bytes]]:
             owner.close()
         return padded({**connect_body("intruder", "shared-1")})
 
+    def replayed(client: DocClient) -> bytes:
+        number = time.time_ns() // 1_000_000
+        client.connect([], n=number)
+        client.disconnect()
+        return padded({**connect_body(client.user, client.client_id), "n": number})
+
     return {
         "MALFORMED": lambda c: b"\xc1" * 100,
         "UNSUPPORTED_VERSION": lambda c: padded({"v": 2, "t": PING, "s": bytes(16)}, 100),
@@ -601,6 +752,7 @@ def producers(daemon: Address) -> dict[str, Callable[[DocClient], bytes]]:
         "UNKNOWN_SESSION": lambda c: pack({"v": VERSION, "t": PING, "s": os.urandom(16)}),
         "CLIENT_ID_IN_USE": in_use,
         "TOO_MANY_FRIENDS": lambda c: padded(connect_body(f=["f1", "f2", "f3"])),
+        "STALE": replayed,
     }
 
 
@@ -626,3 +778,232 @@ def test_every_error_code_of_the_document_is_produced(daemon_factory: DaemonFact
             assert len(data) <= len(datagram), (name, "reply larger than the datagram")
         finally:
             client.close()
+
+
+# -- the document against the code -----------------------------------------------------
+# The only tests here that import the code: they keep the document's tables and the
+# enums, constants and defaults they describe equal, both ways.
+
+
+def doc_text() -> str:
+    with open(DOC, encoding="utf-8") as file:
+        return file.read()
+
+
+def section(title: str) -> str:
+    """The text under the heading ``## title`` or ``### title``, up to the next heading
+    of the same or a higher level."""
+    text = doc_text()
+    for marks in ("##", "###"):
+        head = f"\n{marks} {title}\n"
+        if head in text:
+            body = text.split(head, 1)[1]
+            # A heading of the same or a higher level: 2 to len(marks) hash marks.
+            end = re.search(rf"^#{{2,{len(marks)}}} ", body, re.MULTILINE)
+            return body[: end.start()] if end else body
+    raise AssertionError(f"no section {title!r} in docs/protocol.md")
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Cells of every table row in ``text`` whose first cell is a number."""
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells and cells[0].isdigit():
+            rows.append(cells)
+    return rows
+
+
+def test_constants_copied_from_the_document_are_the_code_s() -> None:
+    assert VERSION == protocol.PROTOCOL_VERSION
+    assert MAX_DATAGRAM == protocol.MAX_DATAGRAM
+    assert MIN_CONNECT == protocol.MIN_CONNECT_SIZE
+    assert SESSION_LEN == protocol.SESSION_BYTES
+    names = {t.name: t.value for t in protocol.MessageType}
+    copied = {name: value for name, value in globals().items() if name in names}
+    assert copied == {name: value for name, value in names.items() if name in copied}
+    assert (OP_ADD, OP_SET, OP_REMOVE) == (
+        protocol.FriendsOp.ADD,
+        protocol.FriendsOp.SET,
+        protocol.FriendsOp.REMOVE,
+    )
+    copied_codes = {name[2:]: value for name, value in globals().items() if name[:2] == "E_"}
+    assert copied_codes == {name: protocol.ErrorCode[name] for name in copied_codes}
+    text = doc_text()
+    assert f"**{protocol.MAX_DATAGRAM:,} bytes**" in text
+    assert f"**{protocol.MIN_CONNECT_SIZE} bytes**" in text
+    assert f"**{protocol.MAX_NAME_CHARS} code points**" in text
+    assert f"**{protocol.MAX_NESTING} levels**" in text
+    assert f"`n` ≤ {protocol.MAX_PARTS}" in text
+    assert f"Unicode {protocol.UNICODE_VERSION}" in text
+
+
+def test_message_type_table_is_the_code_s() -> None:
+    rows = table_rows(section("Message types"))
+    documented = {(int(cells[0]), cells[1]) for cells in rows}
+    assert documented == {(t.value, t.name) for t in protocol.MessageType}
+    assert len(rows) == len(documented), "a type listed twice"
+    for cells in rows:
+        kind = protocol.MessageType(int(cells[0]))
+        expected = "client → daemon" if kind in protocol.CLIENT_TO_DAEMON else "daemon → client"
+        assert cells[2] == expected, (kind.name, cells[2])
+    friends = next(cells for cells in rows if cells[1] == "FRIENDS")[3]
+    for op in protocol.FriendsOp:
+        assert f"{op.value} {op.name.lower()}" in friends, op
+
+
+MESSAGE_SAMPLES: Final[dict[protocol.MessageType, protocol.Message]] = {
+    m.TYPE: m
+    for m in (
+        protocol.Connect(1, "c", "u", ("f",), auth=b"jwt", counter=2, previous=bytes(16)),
+        protocol.ConnectOk(
+            1, bytes(16), 5000, 15000, 0, (protocol.FriendState("f", True, 1),), True
+        ),
+        protocol.Ping(bytes(16)),
+        protocol.Pong(3),
+        protocol.Disconnect(1, bytes(16)),
+        protocol.DisconnectOk(1),
+        protocol.Friends(1, bytes(16), protocol.FriendsOp.SET, ("f",), part=0, parts=2),
+        protocol.FriendsOk(1),
+        protocol.SnapshotRequest(1, bytes(16)),
+        protocol.Snapshot(1, 0, 1, 0, (protocol.FriendState("f", False, 1),)),
+        protocol.Notify(1, protocol.FriendState("f", True, 2)),
+        protocol.Error(1, protocol.ErrorCode.TRY_AGAIN),
+        protocol.GoAway(bytes(16), protocol.GoAwayReason.SHUTDOWN),
+    )
+}
+"""One message of each type, every optional key the encoder writes filled in."""
+
+
+def test_message_keys_are_the_code_s() -> None:
+    """Each type's documented keys against what the reference codec writes: every
+    written key is documented, every key documented as required is written."""
+    assert set(MESSAGE_SAMPLES) == set(protocol.MessageType)
+    for cells in table_rows(section("Message types")):
+        kind = protocol.MessageType(int(cells[0]))
+        documented = dict(re.findall(r"`([a-z]+)`( \*opt\*)?", cells[3]))  # keys: lowercase
+        required = {key for key, optional in documented.items() if not optional}
+        written = set(unpack(protocol.encode(MESSAGE_SAMPLES[kind]))) - {"v", "t"}
+        assert written <= set(documented), (kind.name, written - set(documented))
+        assert required <= written, (kind.name, required - written)
+
+
+def test_error_code_table_is_the_code_s() -> None:
+    rows = error_table()
+    assert sorted(rows) == sorted((c.value, c.name) for c in protocol.ErrorCode)
+    assert len(rows) == len(set(rows)), "a code listed twice"
+    edge_cases = section("Edge cases")
+    for name in re.findall(r"`([A-Z_]{4,})`", edge_cases):
+        assert name in protocol.ErrorCode.__members__, name
+
+
+def test_go_away_reasons_are_the_code_s() -> None:
+    rows = table_rows(section("GO_AWAY"))
+    documented = {(int(cells[0]), cells[1]) for cells in rows}
+    assert documented == {(w.value, w.name) for w in protocol.GoAwayReason}
+
+
+def _source_value(source: str) -> float:
+    """The value a timing-model row names: ``Config.x`` (its default), or
+    ``module.NAME`` / ``module.NAME[i]`` (a constant)."""
+    match = re.fullmatch(r"`(\w+)\.(\w+)(?:\[(\d)\])?`", source)
+    assert match is not None, f"unreadable source {source!r}"
+    owner, name, index = match.groups()
+    modules = {"sdk": sdk, "presence": daemon_presence, "server": daemon_server}
+    if owner == "Config":
+        value = getattr(daemon_config.Config(processes=1), name)
+    else:
+        value = getattr(modules[owner], name)
+    if index is not None:
+        value = value[int(index)]
+    assert isinstance(value, int | float), (source, value)
+    return float(value)
+
+
+def test_timing_model_defaults_are_the_code_s() -> None:
+    text = section("Timing model")
+    rows = []
+    for line in text.split("\n\n", 2)[1].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[3].startswith("`"):
+            rows.append(cells)
+    assert len(rows) >= 15, rows
+    flags = {
+        option
+        for action in daemon_config.build_parser()._actions
+        for option in action.option_strings
+    }
+    for quantity, default, set_by, source in rows:
+        number = re.match(r"[\d.]+", default)
+        assert number is not None, (quantity, default)
+        assert float(number.group()) == _source_value(source), (quantity, default, source)
+        for flag in re.findall(r"--[a-z-]+", set_by):
+            assert flag in flags, (quantity, flag)
+            if source.startswith("`Config."):
+                assert flag == "--" + source[8:-1].replace("_", "-"), (quantity, flag)
+    documented = {cells[3] for cells in rows}
+    for name in ("ping_interval", "timeout", "sweep_interval", "lease_ttl", "drain_grace"):
+        assert f"`Config.{name}`" in documented, name
+
+
+def test_timing_relations_hold_for_the_defaults() -> None:
+    """The relations the timing model states, computed from the code's defaults, and
+    the derived figures the document quotes."""
+    defaults = daemon_config.Config(processes=1)
+    low, high = sdk.PROBE_INTERVAL
+    probe = min(max(defaults.ping_interval / 4, low), high)
+    leave = defaults.ping_interval + sdk.PROBES * probe
+    renew = min(daemon_presence.LEASE_RENEW_INTERVAL, defaults.lease_ttl / 3)
+    assert defaults.timeout > defaults.ping_interval
+    assert leave < defaults.timeout  # a client moves before its daemon drops it
+    assert leave < defaults.lease_ttl - renew  # ... and before a survivor reaps it
+    text = doc_text()
+    assert f"= {leave:g} s after its last answer" in text
+    drop = (
+        f"between **{defaults.timeout:g} s and {defaults.timeout + defaults.sweep_interval:g} s**"
+    )
+    assert drop in text
+    reap = f"({defaults.lease_ttl - renew:g}\N{EN DASH}{defaults.lease_ttl + renew:g} s)"
+    assert reap in text
+
+
+def test_sizes_at_a_glance_are_the_codec_s() -> None:
+    rows = {}
+    for line in section("Sizes at a glance").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].isupper():
+            rows[cells[0]] = cells[1]
+    token = bytes(protocol.SESSION_BYTES)
+    assert rows["PING"] == f"{len(protocol.encode(protocol.Ping(token)))} bytes"
+    assert rows["GO_AWAY"] == f"{len(protocol.encode(protocol.GoAway(token, 1)))} bytes"
+    pongs = (protocol.encode(protocol.Pong(q)) for q in (0, 2**32 - 1))
+    assert rows["PONG"].startswith("{} to {} bytes".format(*map(len, pongs)))
+    error = protocol.ErrorCode.UNSUPPORTED_VERSION
+    smallest = len(protocol.encode(protocol.Error(1, error)))
+    largest = len(protocol.encode(protocol.Error(protocol.MAX_REQUEST_ID, error)))
+    versions = len(msgpack.packb({"vs": [protocol.PROTOCOL_VERSION]})) - 1  # (map header)
+    assert rows["ERROR"] == (
+        f"{smallest} to {largest} bytes (by the size of `r`), plus {versions} with `vs` = [1]"
+    )
+    now_ms = 1_764_126_000_000
+    notify = protocol.encode(protocol.Notify(1, protocol.FriendState("", True, now_ms)))
+    assert rows["NOTIFY"].startswith(f"{len(notify)} + name bytes")  # ("": a str header)
+    assert rows["CONNECT"] == f"padded to {protocol.MAX_DATAGRAM:,}"
+
+
+def test_state_machine_attempts_are_the_sdk_s() -> None:
+    """The attempt counts in the state machine's timer table (the SDK has them as
+    parameter defaults, not constants)."""
+    timers = section("Client state machine")
+    row = next(line for line in timers.splitlines() if line.startswith("| attempts |"))
+    connect = inspect.signature(sdk.PresenceClient).parameters["connect_attempts"].default
+    requests = inspect.signature(sdk.PresenceClient._request).parameters["attempts"].default
+    assert f"CONNECT {sdk.ATTEMPTS_PER_SERVER} per server" in row
+    assert f"the first connect {connect} in all" in row
+    assert f"FRIENDS and SNAPSHOT_REQUEST {requests}" in row
+    assert f"{sdk.PROBES} PINGs" in timers
+    statuses = {"connected", "reconnecting", "disconnected"}  # the SDK's StatusEvents
+    for status in statuses:
+        assert f"emits *{status}*" in timers or f"emit *{status}*" in timers, status
