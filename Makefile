@@ -45,8 +45,12 @@ $(DEMO_STAMP): client/pyproject.toml daemon/pyproject.toml
 venv: $(STAMP) ## Create .venv: both packages editable with every extra, plus the dev tools
 
 # pytest exits 5 when no tests are collected; make fails on any non-zero exit.
-test: $(STAMP) ## Run the test suite (PYTEST_ARGS=... to pass extra options)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# Test files are spread over PYTEST_WORKERS processes (pytest-xdist; each test file runs
+# whole in one of them); most tests wait on real daemons and timers, not on a CPU, so 2
+# halve the time even on 2 cores. PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 2
+test: $(STAMP) ## Run the test suite (PYTEST_ARGS=... to pass extra options, PYTEST_WORKERS=N)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict), hadolint if installed
 	$(BIN)/ruff check .
