@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from presence_client.protocol import (
     decode,
     encode,
 )
+from presence_daemon.embedded import find_redis_server
 
 READY_RE: Final = re.compile(
     r"presence-daemon listening on udp://(?P<host>\S+):(?P<port>\d+) instance=(?P<id>\S+)"
@@ -501,3 +503,48 @@ class RawPeer:
         self.send(Disconnect(request, self.session))
         await self.recv_until(DisconnectOk, timeout, request=request)
         self.session = None
+
+
+# -- a Redis that needs a password ---------------------------------------------------
+
+REDIS_PASSWORD: Final = "s3cret-pw"
+"""The password :func:`password_redis` requires."""
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True if something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", name="password_redis")
+def password_redis_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real redis-server that requires REDIS_PASSWORD; yields its port. (Import it
+    into a test module to use it.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            find_redis_server(),
+            *("--port", str(port), "--bind", "127.0.0.1", "--requirepass", REDIS_PASSWORD),
+            *("--save", "", "--appendonly", "no"),
+        ],
+        cwd=tmp_path_factory.mktemp("password-redis"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20.0
+        while not port_open(port):
+            assert process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=20.0)

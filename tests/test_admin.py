@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +20,20 @@ import pytest
 import pytest_asyncio
 import redis
 
-from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_env, daemon_factory_fixture  # noqa: F401
+from daemons import REDIS_PASSWORD as PASSWORD
+from daemons import (  # noqa: F401
+    DaemonFactory,
+    DaemonProcess,
+    RawPeer,
+    daemon_env,
+    daemon_factory_fixture,
+    password_redis_fixture,
+)
 from helpers import Watched, wait_for
 from presence_client.sdk import PresenceClient
 from presence_daemon import keys
 from presence_daemon.admin import Context, Cursor, online_page
-from presence_daemon.embedded import EmbeddedCluster, find_redis_server
+from presence_daemon.embedded import EmbeddedCluster
 from presence_daemon.presence import Presence
 
 ADMIN = Path(sys.executable).parent / "presence-admin"
@@ -566,46 +571,6 @@ async def test_the_url_comes_from_the_environment(redis_url: str) -> None:
     assert ran.json() == {"online": 0}
     ran = await admin("online", "--count", env=away)
     assert ran.returncode == 1 and "127.0.0.1:1" in ran.error_line()
-
-
-PASSWORD = "s3cret-pw"
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real redis-server that requires PASSWORD; yields its port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            find_redis_server(),
-            *("--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD),
-            *("--save", "", "--appendonly", "no"),
-        ],
-        cwd=tmp_path_factory.mktemp("password-redis"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not _port_open(port):
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=RUN_TIMEOUT)
 
 
 @pytest.mark.parametrize(

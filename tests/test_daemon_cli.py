@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from daemons import DaemonProcess, RawPeer, daemon_env
+from daemons import REDIS_PASSWORD as PASSWORD
+from daemons import DaemonProcess, RawPeer, daemon_env, password_redis_fixture, port_open  # noqa: F401
 from presence_client.protocol import is_valid_name
 from presence_daemon.config import (
     Config,
@@ -28,7 +28,6 @@ from presence_daemon.config import (
     config_from_args,
     safe_url,
 )
-from presence_daemon.embedded import find_redis_server
 
 RUN_TIMEOUT = 20.0
 """Upper bound for a command that is expected to exit by itself."""
@@ -48,14 +47,6 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env=daemon_env({"COLUMNS": "200", **(env or {})}),
         timeout=RUN_TIMEOUT,
     )
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 def test_help_names_every_flag_and_its_variable() -> None:
@@ -440,38 +431,6 @@ def test_embedded_redis_off_in_the_environment_keeps_the_url() -> None:
     assert (config.embedded_redis, config.redis_url) == (False, "redis://h:1/0")
     config = config_from_args(["--embedded-redis"], environ={})
     assert config.embedded_redis and config.redis_url == Config().redis_url
-
-
-PASSWORD = "s3cret-pw"
-
-
-@pytest.fixture(scope="module")
-def password_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A real redis-server that requires PASSWORD; yields its port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            find_redis_server(),
-            *("--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD),
-            *("--save", "", "--appendonly", "no"),
-        ],
-        cwd=tmp_path_factory.mktemp("password-redis"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not port_open(port):
-            assert process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=RUN_TIMEOUT)
 
 
 @pytest.mark.parametrize(
