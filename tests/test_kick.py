@@ -23,7 +23,7 @@ from helpers import Watched, wait_for
 from presence_client.protocol import GoAwayReason
 from presence_client.sdk import PresenceClient
 from presence_daemon import keys
-from presence_daemon.presence import Presence, Replaced, parse_inbox, redis_client
+from presence_daemon.presence import Presence, Replaced, Superseded, parse_inbox, redis_client
 
 pytestmark = pytest.mark.backends  # every test runs on one Redis and on a Valkey Cluster
 
@@ -114,3 +114,26 @@ def test_an_inbox_kick_item_is_parsed() -> None:
     with pytest.raises(ValueError):
         parse_inbox(f'[["carol-1","{token}","ban"]]')
     assert int(GoAwayReason.KICKED) == 3
+
+
+async def test_a_kicked_session_is_never_put_back_by_its_owner(
+    redis_url: str, operator: Presence
+) -> None:
+    # The owner missed the kick message (its inbox was down): its next reconciliation,
+    # or a lease lost and taken again, tries to put back the session it still holds.
+    owner = Presence(redis_client(redis_url), instance_id="owner")
+    await owner.start()
+    try:
+        connection = await owner.connected("alice-1", "alice", address="127.0.0.1:9")
+        assert await operator.kick("alice-1") is True
+        with pytest.raises(Superseded):
+            await owner.connected(
+                "alice-1", "alice", address="127.0.0.1:9", token=connection.token, restore=True
+            )
+        assert await operator.query(["alice"]) == {"alice": False}
+        # Not a ban: a new session of the same client id is served.
+        again = await owner.connected("alice-1", "alice", address="127.0.0.1:9")
+        assert again.token != connection.token
+        assert await operator.query(["alice"]) == {"alice": True}
+    finally:
+        await owner.close()

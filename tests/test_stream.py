@@ -413,3 +413,20 @@ async def test_a_malformed_entry_is_skipped(make_presence: MakePresence, r: Redi
     await p.connected("a1", "alice")
     [entry] = await take(p.watch("0"), 1)
     assert entry.transition.user == "alice"
+
+
+async def test_an_outbox_part_without_its_decision_time_is_still_told(
+    make_presence: MakePresence, r: Redis
+) -> None:
+    # An outbox value from before decision times were recorded: "online|version".
+    await r.set(keys.pending_key("alice"), "0|5")
+    p = await make_presence(instance_id="lib-a")
+    c1 = await p.connected("a1", "alice")  # chains the old part behind its own
+    assert c1.went_online
+    entries = await take(p.watch("0"), 2)
+    assert [(e.transition.online, e.transition.version, e.retold) for e in entries] == [
+        (False, 5, True),
+        (True, c1.version, False),
+    ]
+    assert entries[0].decided_ms == 0
+    assert await r.get(keys.pending_key("alice")) is None  # confirmed told, whole

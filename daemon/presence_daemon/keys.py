@@ -63,6 +63,12 @@ def reindex_key(user: str) -> str:
     return f"{PREFIX}:{{{user}}}:reindex"
 
 
+def kicked_key(user: str, client_id: str) -> str:
+    """String with a TTL: the token of the client id's session an operator kicked. A
+    restore of that session (its daemon missed the kick) is refused."""
+    return f"{PREFIX}:{{{user}}}:kicked:{client_id}"
+
+
 def client_key(client_id: str) -> str:
     """String binding a client id to its user and current session: "user|token|claimed_ms"."""
     return f"{PREFIX}:client:{{{client_id}}}"

@@ -130,6 +130,9 @@ LEASE_ERROR_LOG_INTERVAL: Final = 5.0
 FAN_OUT_RETRY_DELAYS: Final = (0.1, 0.25, 0.5, 1.0, 2.0)
 """Seconds before each background retry of a fan-out that hit a Redis error; the last
 one repeats until Redis answers or the instance closes."""
+KICKED_MEMORY: Final = 600.0
+"""Seconds a kicked session's token is remembered, so that no restore puts it back
+(longer than a reconciliation interval and a lease lapse)."""
 TRANSITION_QUEUE_SIZE: Final = 10_000
 DEFAULT_STREAM_MAX_LEN: Final = 100_000
 """Entries the transition stream keeps, about (trimmed with ``MAXLEN ~``); 0: no stream."""
@@ -452,9 +455,10 @@ def _stream_entry(entry_id: str, raw: Any) -> StreamEntry | None:
 
 
 def _outbox_part(part: str) -> tuple[bool, int, int]:
-    """(online, version, decided_ms) of one "online|version|decided_ms" outbox part."""
-    online, version, since = part.split("|", 2)
-    return online == "1", int(version), int(since)
+    """(online, version, decided_ms) of one "online|version|decided_ms" outbox part; an
+    older part without its decision time ("online|version") gives 0 for it."""
+    online, version, *since = part.split("|", 2)
+    return online == "1", int(version), int(since[0]) if since else 0
 
 
 def _text(value: Any) -> str:
@@ -1195,7 +1199,11 @@ class Presence:
         result: list[Any] = await self.scripts.call(
             self.io,
             "connect",
-            [*keys.user_keys(user), keys.connect_number_key(user, client_id)],
+            [
+                *keys.user_keys(user),
+                keys.connect_number_key(user, client_id),
+                *([keys.kicked_key(user, client_id)] if mode == "restore" else []),
+            ],
             [
                 client_id,
                 f"{token}|{self.instance_id}|{address}",
@@ -1278,6 +1286,11 @@ class Presence:
             if entry is None:
                 return False
             token, owner, _ = _entry(entry)
+            # First the tombstone: if the owner misses the message below, its next
+            # reconciliation must not put the kicked session back (connect.lua refuses).
+            await self.io.execute_command(
+                "SET", keys.kicked_key(user, client_id), token, "PX", round(KICKED_MEMORY * 1000)
+            )
             if not await self._disconnect(client_id, user, token):
                 return False
         message = json.dumps([[client_id, token, "kick"]], separators=(",", ":"))

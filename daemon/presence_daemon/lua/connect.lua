@@ -8,6 +8,8 @@
 --                                    transition whose telling is not confirmed (the outbox)
 -- KEYS[6]  presence:{user}:n:<client id>  string, the client id's last connect number
 --          (needed only with a connect number)
+-- KEYS[7]  (restore only, optional) presence:{user}:kicked:<client id>  string, the token
+--          of a session an operator kicked: that session is never put back
 -- ARGV[1]  client id
 -- ARGV[2]  entry, "token|owner|address" (token first: disconnect guards on it)
 -- ARGV[3]  now, in milliseconds (versions never fall below it, so they survive a Redis
@@ -66,6 +68,9 @@ if number > 0 then
   end
   -- The same number while the entry lives: this connect again (its answer was lost).
   if number == last then proof = '*' end
+end
+if ARGV[5] == 'restore' and KEYS[7] and redis.call('GET', KEYS[7]) == token then
+  return {2, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
 end
 if ARGV[5] == 'restore' and previous ~= '' and old ~= token then
   return {2, 0, tonumber(redis.call('GET', KEYS[2]) or '0'), previous, {}}
