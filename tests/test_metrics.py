@@ -34,6 +34,7 @@ from faults import (  # noqa: F401 - fixtures
     private_redis_fixture,
 )
 from helpers import wait_for
+from presence_daemon.metrics import MAX_CONNECTIONS
 
 DASHBOARD: Final = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "presence.json"
 
@@ -209,6 +210,24 @@ async def test_http_endpoint_answers_only_get_on_known_paths(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 431 ")
     assert (await http_get(metrics_port, "/healthz"))[0] == 200
+
+
+async def test_connections_that_send_nothing_cannot_starve_a_probe(
+    daemon_factory: DaemonFactory, metrics_port: int
+) -> None:
+    await daemon_factory.astart(flags={"--metrics-port": str(metrics_port)})
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 8):  # every place taken by a half-sent head
+            reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n")
+            await writer.drain()
+            idle.append((reader, writer))
+        for _ in range(3):
+            assert (await http_get(metrics_port, "/healthz"))[0] == 200
+    finally:
+        for _, writer in idle:
+            writer.close()
 
 
 def run_daemon(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -60,7 +60,9 @@ MAX_REQUEST_HEAD: Final = 8192
 REQUEST_TIMEOUT: Final = 5.0
 """Seconds a client has to send its request head (and to read the answer)."""
 MAX_CONNECTIONS: Final = 32
-"""HTTP connections served at once; more are closed unanswered."""
+"""HTTP connections served at once. A connection beyond them takes the place of the one
+that has waited longest for its request head (a prober is never starved by connections
+that send nothing); with none waiting, it is closed unanswered."""
 REDIS_GRACE: Final = 0.5
 """Seconds, on top of two renewal intervals, without a renewal before Redis counts as
 down."""
@@ -543,6 +545,8 @@ class MetricsServer:
         self.health = health
         self._server: asyncio.Server | None = None
         self._open = 0
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        """Connections still waiting for their request head, oldest first."""
         self.scrapes = 0
         self.failures = 0
 
@@ -563,11 +567,21 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._open >= MAX_CONNECTIONS:
-            writer.close()
-            return
+            if not self._waiting:
+                writer.close()
+                return
+            oldest = next(iter(self._waiting))  # (its handler ends and frees its place)
+            del self._waiting[oldest]
+            oldest.close()
         self._open += 1
         try:
-            status, content_type, body = await self._answer(reader)
+            self._waiting[writer] = None
+            try:
+                status, content_type, body = await self._answer(reader)
+            finally:
+                self._waiting.pop(writer, None)
+            if writer.is_closing():  # evicted while it sent nothing: no one to answer
+                return
             head = (
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
                 f"Content-Type: {content_type}\r\n"
