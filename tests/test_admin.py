@@ -555,6 +555,9 @@ async def test_a_bad_url_names_its_source() -> None:
     line = ran.error_line()
     assert line.startswith("presence-admin: error: PRESENCE_REDIS_URL: invalid value"), line
     assert "s3cret" not in line
+    ran = await admin("daemons", url="redis://:s3cr#t@127.0.0.1:1/0")  # redis-py cannot parse it
+    assert ran.returncode == 2
+    assert "percent-encoded" in ran.error_line() and "s3cr" not in ran.stderr
     ran = await admin("daemons", url="redis+cluster://h:99999")
     assert ran.returncode == 2
     assert "--redis-url" in ran.error_line() and "h:99999" in ran.error_line()

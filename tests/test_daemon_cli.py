@@ -136,6 +136,17 @@ def test_bad_value_exits_with_one_line_naming_it(
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cr#t@127.0.0.1:1/0", "redis://:s3cr/t@127.0.0.1:1/0"])
+def test_a_url_redis_cannot_parse_is_one_line_without_the_password(url: str) -> None:
+    # redis-py's own message quotes what it took for the port: part of the password.
+    result = run("--redis-url", url)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--redis-url" in lines[0] and "percent-encoded" in lines[0], lines[0]
+    assert "s3cr" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -502,6 +513,9 @@ def test_version(module: str, prog: str) -> None:
         ("unix://:pw@/tmp/redis.sock", "unix://:***@/tmp/redis.sock"),
         ("redis://h:1/0?password=pw&db=1", "redis://h:1/0?password=***&db=1"),
         ("redis+cluster://bob:pw@a:1,b:2", "redis+cluster://bob:***@a:1,b:2"),
+        ("redis://:sec/ret@h:1/0", "redis://:***@h:1/0"),  # (not percent-encoded)
+        ("redis://:s3cr#t@h:1/0", "redis://:***@h:1/0"),
+        ("redis://bob:a?b@h:1/0", "redis://bob:***@h:1/0"),
     ],
 )
 def test_safe_url_hides_the_password_only(url: str, shown: str) -> None:

@@ -741,7 +741,7 @@ async def _run(command: Subcommand, args: argparse.Namespace, url: str) -> Resul
     try:
         redis = redis_client(url, max_connections=8, timeout=REDIS_TIMEOUT)
     except ValueError as exc:  # redis-py refuses the URL itself
-        raise UsageError(f"--redis-url: {safe_url(url)!r}: {exc}") from None
+        raise UsageError(f"--redis-url: {exc}") from None  # (it names no password)
     try:
         try:
             await redis.ping()  # unreachable or refusing us: one clear error up front

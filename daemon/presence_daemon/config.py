@@ -12,7 +12,6 @@ import dataclasses
 import ipaddress
 import math
 import os
-import re
 import secrets
 import socket
 import sys
@@ -24,9 +23,11 @@ from presence_client.protocol import MAX_NAME_CHARS, is_valid_name
 from presence_daemon.store import (
     CLUSTER_SCHEMES,
     ClusterURLError,
+    check_redis_url,
     is_cluster_url,
     parse_cluster_url,
 )
+from presence_daemon.store import safe_url as safe_url  # (callers import it from here)
 
 DEFAULT_PORT: Final = 13131
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -185,6 +186,11 @@ class Config:
             try:
                 parse_cluster_url(self.redis_url)
             except ClusterURLError as exc:
+                raise ConfigError(f"--redis-url: {exc}") from None
+        else:
+            try:
+                check_redis_url(self.redis_url)
+            except ValueError as exc:
                 raise ConfigError(f"--redis-url: {exc}") from None
         for name in ("ping_interval", "timeout", "sweep_interval", "lease_ttl", "redis_timeout"):
             value = getattr(self, name)
@@ -502,21 +508,6 @@ def _refuse_embedded_with_url(values: Mapping[str, Any], sources: Mapping[str, s
         f"{url}: {safe_url(values['redis_url'])!r} cannot be used with {embedded}, "
         "which starts its own Redis (drop one of them)"
     )
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password (the user name stays), for logs and errors."""
-    url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if not sep or "@" not in authority:
-        return url
-    userinfo, _, host = authority.rpartition("@")
-    host += slash + path
-    user, colon, _ = userinfo.partition(":")
-    if not colon:  # "redis://secret@host": redis-py reads that as a user, but hide it
-        return f"{scheme}://***@{host}"
-    return f"{scheme}://{user}:***@{host}"
 
 
 def config_args(config: Config) -> list[str]:

@@ -96,6 +96,7 @@ from presence_daemon.scripts import Call, Scripts
 from presence_daemon.store import (
     UNAVAILABLE,
     Store,
+    check_redis_url,
     cluster_client,
     is_cluster_url,
     publish_verb,
@@ -241,6 +242,7 @@ def redis_client(
     """
     if is_cluster_url(url):
         return cluster_client(url, max_connections=max_connections, timeout=timeout)
+    check_redis_url(url)
     pool = BlockingConnectionPool.from_url(
         url,
         decode_responses=True,

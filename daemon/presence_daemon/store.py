@@ -42,6 +42,7 @@ from urllib.parse import unquote
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterDownError, ClusterError, RedisClusterException, TryAgainError
@@ -85,6 +86,35 @@ class ClusterURL:
     """User name of the URL's user info, if any."""
     password: str | None = None
     """Password of the URL's user info, if any."""
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password (the user name stays), for logs and errors.
+
+    Everything up to the last ``@`` counts as the user information, even past a ``/``,
+    ``?`` or ``#``: a password with such a character not percent-encoded stays hidden
+    (masking a little too much is the safe side)."""
+    url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not colon or "/" in user:  # "redis://secret@host": redis-py reads a user: hide it
+        return f"{scheme}://***@{host}"
+    return f"{scheme}://{user}:***@{host}"
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError, naming the URL without its password, if redis-py cannot parse
+    this single-Redis URL (its own message may quote part of the password)."""
+    try:
+        parse_url(url)
+    except ValueError:
+        raise ValueError(
+            f"cannot parse {safe_url(url)!r} as a Redis URL (characters such as / ? # @ : "
+            "in a user name or password must be percent-encoded)"
+        ) from None
 
 
 def is_cluster_url(url: str) -> bool:
