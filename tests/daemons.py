@@ -23,13 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self, TypeVar
 
 import pytest
+import pytest_asyncio
 
+from helpers import Watched
 from presence_client.protocol import (
     MAX_DATAGRAM,
     AnyMessage,
@@ -43,6 +45,7 @@ from presence_client.protocol import (
     decode,
     encode,
 )
+from presence_client.sdk import PresenceClient
 from presence_daemon.embedded import find_redis_server
 
 READY_RE: Final = re.compile(
@@ -548,3 +551,83 @@ def password_redis_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     finally:
         process.terminate()
         process.wait(timeout=20.0)
+
+
+# -- SDK clients of one test -----------------------------------------------------------
+
+CLIENT_REQUEST_TIMEOUT: Final = 0.2
+"""The SDK's first retry delay for test clients (short: the daemons run on 127.0.0.1)."""
+
+
+class Clients:
+    """Creates SDK clients for a test and disconnects them all at teardown."""
+
+    def __init__(self) -> None:
+        self.all: list[PresenceClient] = []
+
+    def create(
+        self,
+        user: str,
+        friends: Iterable[str] | None,
+        daemon: DaemonProcess,
+        *,
+        client_id: str | None = None,
+        auto_reconnect: bool = True,
+        failover: Iterable[DaemonProcess] = (),
+        token: str | None = None,
+    ) -> Watched:
+        client = PresenceClient(
+            user,
+            friends,
+            servers=[daemon.address, *(d.address for d in failover)],
+            client_id=client_id or f"{user}-{len(self.all)}",
+            request_timeout=CLIENT_REQUEST_TIMEOUT,
+            auto_reconnect=auto_reconnect,
+            token=token,
+        )
+        self.all.append(client)
+        return Watched(client)
+
+    async def connect(
+        self,
+        user: str,
+        friends: Iterable[str] | None,
+        daemon: DaemonProcess,
+        *,
+        client_id: str | None = None,
+        auto_reconnect: bool = True,
+        failover: Iterable[DaemonProcess] = (),
+        token: str | None = None,
+    ) -> Watched:
+        watched = self.create(
+            user,
+            friends,
+            daemon,
+            client_id=client_id,
+            auto_reconnect=auto_reconnect,
+            failover=failover,
+            token=token,
+        )
+        await watched.client.connect()
+        return watched
+
+    async def close(self) -> None:
+        errors: list[BaseException] = []
+        for client in self.all:
+            try:
+                # Bounded: a client whose daemon is gone retries its goodbye a few times.
+                await asyncio.wait_for(client.disconnect(), 10)
+            except Exception as exc:  # close the others first, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest_asyncio.fixture(name="clients")
+async def clients_fixture() -> AsyncIterator[Clients]:
+    """SDK clients, all disconnected at teardown. (Import it into a test module.)"""
+    pool = Clients()
+    try:
+        yield pool
+    finally:
+        await pool.close()

@@ -11,26 +11,25 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import redis
 
 from daemons import REDIS_PASSWORD as PASSWORD
 from daemons import (  # noqa: F401
+    Clients,
     DaemonFactory,
     DaemonProcess,
     RawPeer,
+    clients_fixture,
     daemon_env,
     daemon_factory_fixture,
     password_redis_fixture,
 )
-from helpers import Watched, wait_for
-from presence_client.sdk import PresenceClient
+from helpers import wait_for
 from presence_daemon import keys
 from presence_daemon.admin import Context, Cursor, online_page
 from presence_daemon.embedded import EmbeddedCluster
@@ -39,7 +38,6 @@ from presence_daemon.presence import Presence
 ADMIN = Path(sys.executable).parent / "presence-admin"
 """The installed entry point (``make venv`` installs it)."""
 RUN_TIMEOUT = 30.0
-REQUEST_TIMEOUT = 0.2
 
 
 @dataclass(frozen=True)
@@ -82,41 +80,6 @@ async def admin(*args: str, url: str | None = None, env: dict[str, str] | None =
         raise
     assert process.returncode is not None
     return Ran(process.returncode, out.decode(), err.decode())
-
-
-class Clients:
-    """SDK clients of one test, all disconnected at teardown."""
-
-    def __init__(self) -> None:
-        self.all: list[PresenceClient] = []
-
-    async def connect(
-        self, user: str, friends: list[str] | None, daemon: DaemonProcess, client_id: str = ""
-    ) -> Watched:
-        client = PresenceClient(
-            user,
-            friends,
-            servers=[daemon.address],
-            client_id=client_id or f"{user}-{len(self.all)}",
-            request_timeout=REQUEST_TIMEOUT,
-        )
-        self.all.append(client)
-        watched = Watched(client)
-        await client.connect()
-        return watched
-
-    async def close(self) -> None:
-        for client in self.all:
-            await asyncio.wait_for(client.disconnect(), 10)
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[Clients]:
-    pool = Clients()
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def online_count(url: str) -> int:

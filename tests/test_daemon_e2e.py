@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,14 @@ import pytest
 import pytest_asyncio
 
 from authkit import auth_flags, issue, write_secret
-from daemons import DaemonFactory, DaemonProcess, RawPeer, daemon_factory_fixture  # noqa: F401
+from daemons import (  # noqa: F401 - fixtures
+    Clients,
+    DaemonFactory,
+    DaemonProcess,
+    RawPeer,
+    clients_fixture,
+    daemon_factory_fixture,
+)
 from helpers import Watched, wait_for
 from presence_client.protocol import (
     MAX_DATAGRAM,
@@ -45,79 +52,6 @@ pytestmark = pytest.mark.backends  # every test runs on one Redis and on a Valke
 REQUEST_TIMEOUT = 0.2
 TIMEOUT_WAIT = 3.0
 """Upper bound for a silent client to be dropped (timeout 0.6 s + sweep 0.05 s + CI)."""
-
-
-class Clients:
-    """Creates SDK clients for a test and disconnects them all at teardown."""
-
-    def __init__(self) -> None:
-        self.all: list[PresenceClient] = []
-
-    def create(
-        self,
-        user: str,
-        friends: Iterable[str] | None,
-        daemon: DaemonProcess,
-        *,
-        client_id: str | None = None,
-        auto_reconnect: bool = True,
-        failover: Iterable[DaemonProcess] = (),
-        token: str | None = None,
-    ) -> Watched:
-        client = PresenceClient(
-            user,
-            friends,
-            servers=[daemon.address, *(d.address for d in failover)],
-            client_id=client_id or f"{user}-{len(self.all)}",
-            request_timeout=REQUEST_TIMEOUT,
-            auto_reconnect=auto_reconnect,
-            token=token,
-        )
-        self.all.append(client)
-        return Watched(client)
-
-    async def connect(
-        self,
-        user: str,
-        friends: Iterable[str] | None,
-        daemon: DaemonProcess,
-        *,
-        client_id: str | None = None,
-        auto_reconnect: bool = True,
-        failover: Iterable[DaemonProcess] = (),
-        token: str | None = None,
-    ) -> Watched:
-        watched = self.create(
-            user,
-            friends,
-            daemon,
-            client_id=client_id,
-            auto_reconnect=auto_reconnect,
-            failover=failover,
-            token=token,
-        )
-        await watched.client.connect()
-        return watched
-
-    async def close(self) -> None:
-        errors: list[BaseException] = []
-        for client in self.all:
-            try:
-                # Bounded: a client whose daemon is gone retries its goodbye a few times.
-                await asyncio.wait_for(client.disconnect(), 10)
-            except Exception as exc:  # close the others first, then report
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[Clients]:
-    pool = Clients()
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 @pytest_asyncio.fixture
